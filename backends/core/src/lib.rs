@@ -1,0 +1,29 @@
+//! hivemind-core: the contract between hivemind's rate limit service and the places counts live.
+//!
+//! - [`window`]: rate limit units, wall-clock time and the epoch-aligned fixed windows every node
+//!   agrees on without talking.
+//! - [`hit`]: what a request asks of a strategy ([`Hit`]) and what it gets back ([`Decision`]).
+//! - [`strategy`]: the [`SyncStrategy`] trait every backend implements, and its error type.
+//! - [`counters`]: lock-free local counters (packed window|count in one `AtomicU64`), bounded in
+//!   memory.
+//! - [`standalone`]: the strategy that uses only the local counters.
+//! - `testsuite` (feature `testsuite`): the conformance suite every strategy runs.
+//!
+//! This crate has no network dependencies on purpose: the gRPC server and the gossip and Redis
+//! backends depend on it, never the other way round.
+
+pub mod clock;
+pub mod counters;
+pub mod hit;
+pub mod standalone;
+pub mod strategy;
+#[cfg(feature = "testsuite")]
+pub mod testsuite;
+pub mod window;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use counters::{CounterStats, LocalCounters};
+pub use hit::{request_admitted, Decision, Enforcement, Hit, Limit};
+pub use standalone::Standalone;
+pub use strategy::{StrategyError, SyncStrategy};
+pub use window::{Unit, UnixTime, Window};
