@@ -1,1 +1,156 @@
-fn main(){}
+//! Micro-benchmarks of the decision path (criterion):
+//!
+//! - `counters/check_one`: one enforced hit on the lock-free local counters, uncontended;
+//! - `counters/check_one_2_threads`: the same key hit from two threads at once (contended CAS);
+//! - `counters/new_keys`: a stream of distinct keys (insert path, eviction at the cap);
+//! - `limiter/decide_*`: the full handler without network: rules lookup, counter key, strategy,
+//!   response.
+//!
+//! Run: `cargo bench --bench decision`.
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use criterion::{criterion_group, criterion_main, Criterion};
+use hivemind::limiter::Limiter;
+use hivemind::proto::{DescriptorEntry, RateLimitDescriptor, RateLimitRequest};
+use hivemind::rules::RuleSet;
+use hivemind::settings::ResponseSettings;
+use hivemind_core::{
+    Enforcement, Hit, Limit, LocalCounters, Standalone, SystemClock, Unit, UnixTime,
+};
+
+fn hit(key: &str) -> Hit {
+    Hit {
+        key: key.to_owned(),
+        limit: Limit {
+            requests_per_unit: u32::MAX,
+            unit: Unit::Hour,
+        },
+        addend: 1,
+        enforcement: Enforcement::Enforce,
+    }
+}
+
+fn counters(c: &mut Criterion) {
+    let mut group = c.benchmark_group("counters");
+    let now = UnixTime::now();
+
+    let local = LocalCounters::new(1_000_000);
+    let batch = [hit("bench|remote_address=10.0.0.1#hour")];
+    group.bench_function("check_one", |b| {
+        b.iter(|| black_box(local.check(black_box(&batch), now)))
+    });
+
+    let shared = Arc::new(LocalCounters::new(1_000_000));
+    group.bench_function("check_one_2_threads", |b| {
+        b.iter_custom(|iters| {
+            // A second thread hammers the same key for the whole measurement.
+            let stop = Arc::new(AtomicBool::new(false));
+            let ready = Arc::new(Barrier::new(2));
+            let other = {
+                let (shared, stop, ready) = (shared.clone(), stop.clone(), ready.clone());
+                std::thread::spawn(move || {
+                    let batch = [hit("bench|contended#hour")];
+                    ready.wait();
+                    while !stop.load(Ordering::Relaxed) {
+                        black_box(shared.check(&batch, now));
+                    }
+                })
+            };
+            let batch = [hit("bench|contended#hour")];
+            ready.wait();
+            let start = Instant::now();
+            for _ in 0..iters {
+                black_box(shared.check(black_box(&batch), now));
+            }
+            let elapsed = start.elapsed();
+            stop.store(true, Ordering::Relaxed);
+            other.join().unwrap();
+            elapsed
+        })
+    });
+
+    let capped = LocalCounters::new(100_000);
+    let mut i = 0u64;
+    group.bench_function("new_keys_at_cap_100k", |b| {
+        b.iter(|| {
+            i += 1;
+            let batch = [hit(&format!("bench|flood={i}#hour"))];
+            black_box(capped.check(&batch, now))
+        })
+    });
+    group.finish();
+}
+
+const RULES: &str = r#"
+domain: bench
+descriptors:
+  - key: remote_address
+    rate_limit: { unit: hour, requests_per_unit: 4000000000 }
+  - key: tenant
+    descriptors:
+      - key: path
+        value: /api/*/items
+        rate_limit: { unit: hour, requests_per_unit: 4000000000 }
+"#;
+
+fn request(entries: &[(&str, &str)]) -> RateLimitRequest {
+    RateLimitRequest {
+        domain: "bench".into(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: entries
+                .iter()
+                .map(|(k, v)| DescriptorEntry {
+                    key: (*k).into(),
+                    value: (*v).into(),
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        hits_addend: 1,
+    }
+}
+
+fn limiter(c: &mut Criterion) {
+    let mut group = c.benchmark_group("limiter");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let rules = RuleSet::from_sources(&[("bench.yaml".into(), RULES.into())]).unwrap();
+    let counters = Arc::new(LocalCounters::new(1_000_000));
+    let strategy = Arc::new(Standalone::new(
+        counters,
+        Arc::new(SystemClock),
+        Duration::from_secs(1),
+    ));
+    let limiter = Limiter::new(
+        Arc::new(ArcSwap::from_pointee(rules)),
+        strategy,
+        Arc::new(SystemClock),
+        ResponseSettings::default(),
+    );
+    let simple = request(&[("remote_address", "10.0.0.1")]);
+    group.bench_function("decide_one_descriptor", |b| {
+        b.iter(|| {
+            runtime
+                .block_on(limiter.decide(black_box(&simple)))
+                .unwrap()
+        })
+    });
+    let nested = request(&[("tenant", "acme"), ("path", "/api/v1/items")]);
+    group.bench_function("decide_nested_wildcard", |b| {
+        b.iter(|| {
+            runtime
+                .block_on(limiter.decide(black_box(&nested)))
+                .unwrap()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, counters, limiter);
+criterion_main!(benches);

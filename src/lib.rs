@@ -1,1 +1,23 @@
+//! hivemind: a rate limit service for Envoy.
+//!
+//! It answers Envoy's global rate limit gRPC API (`envoy.service.ratelimit.v3`) with rules in the
+//! envoyproxy/ratelimit YAML format, and counts through one of several strategies (see
+//! `hivemind_core::SyncStrategy`). The parts, in request order:
+//!
+//! - [`settings`]: layered configuration (defaults, file, `HIVEMIND_*` env, flags);
+//! - [`rules`]: the rules files: parsing, validation, matching; [`reload`] watches them;
+//! - [`limiter`]: one request's decision: descriptors → hits → strategy → response;
+//! - [`grpc`]: the tonic service around the limiter; [`admin`]: the admin HTTP endpoints;
+//! - [`server`]: wiring, listeners and graceful shutdown; [`telemetry`]: logs.
 
+pub mod admin;
+pub mod cli;
+pub mod grpc;
+pub mod json;
+pub mod limiter;
+pub mod proto;
+pub mod reload;
+pub mod rules;
+pub mod server;
+pub mod settings;
+pub mod telemetry;

@@ -1,1 +1,59 @@
-fn main(){}
+//! The `hivemind` binary: flags → settings → [`hivemind::server::run`] until SIGINT/SIGTERM.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use hivemind::cli::Cli;
+use hivemind::server::{self, Listeners};
+use hivemind::settings::{Settings, SettingsFile, SETTINGS_ENV};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("hivemind: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let file = SettingsFile::resolve(cli.settings.clone(), std::env::var_os(SETTINGS_ENV));
+    let settings = Settings::load(&file, std::env::vars(), cli.flag_values())?;
+    if cli.check_config {
+        return Ok(check_config(&settings));
+    }
+    hivemind::telemetry::init(&settings.log);
+    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    runtime.block_on(async {
+        let listeners = Listeners::bind(&settings).await?;
+        let (grpc, admin) = listeners.local_addrs().context("reading bound addresses")?;
+        // One line on stdout that scripts and tests can wait for; logs go to stderr.
+        println!("listening grpc={grpc} admin={admin}");
+        tracing::info!(%grpc, %admin, strategy = settings.strategy.as_str(), "hivemind serving");
+        server::run(settings, listeners, server::shutdown_signal()).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Prints the effective settings and validates the rules: exit 0 if both are good.
+fn check_config(settings: &Settings) -> ExitCode {
+    print!("{}", settings.to_yaml());
+    match server::load_rules(settings) {
+        Ok((rules, source)) => {
+            println!(
+                "# rules ok: {} domain(s) from {:?}, hash {}",
+                rules.domains().count(),
+                source,
+                rules.hash()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("hivemind: invalid rules: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

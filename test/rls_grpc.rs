@@ -1,1 +1,457 @@
-//! placeholder
+//! End to end over real gRPC on loopback with the standalone strategy: every rule semantic of
+//! envoyproxy/ratelimit as Envoy would see it, plus health, reflection and graceful shutdown.
+
+mod inproc;
+
+use hivemind::proto::{Code, ProtoUnit, RateLimitOverride, RateLimitResponse};
+use inproc::{descriptor, request, InProc};
+
+const RULES: &str = r#"
+domain: test
+descriptors:
+  - key: remote_address
+    rate_limit: { unit: minute, requests_per_unit: 3 }
+  - key: remote_address
+    value: 50.0.0.5
+    rate_limit: { unit: minute, requests_per_unit: 0 }
+  - key: path
+    value: /api/*/action
+    share_threshold: true
+    rate_limit: { unit: hour, requests_per_unit: 2 }
+  - key: path
+    value: /files/*
+    rate_limit: { unit: hour, requests_per_unit: 1 }
+  - key: tenant
+    descriptors:
+      - key: user
+        rate_limit: { name: per_user, unit: hour, requests_per_unit: 2 }
+      - key: user
+        value: canary
+        shadow_mode: true
+        rate_limit: { unit: hour, requests_per_unit: 1 }
+  - key: plan
+    value: premium
+    rate_limit:
+      replaces: [ { name: per_user } ]
+      unit: hour
+      requests_per_unit: 4
+  - key: internal
+    rate_limit: { unlimited: true }
+  - key: quota_a
+    quota_mode: true
+    rate_limit: { unit: hour, requests_per_unit: 1 }
+  - key: quota_b
+    quota_mode: true
+    rate_limit: { unit: hour, requests_per_unit: 2 }
+  - key: bulk
+    rate_limit: { unit: HOUR, requests_per_unit: 10 }
+"#;
+
+fn codes(response: &RateLimitResponse) -> (i32, Vec<i32>) {
+    (
+        response.overall_code,
+        response.statuses.iter().map(|s| s.code).collect(),
+    )
+}
+
+const OK: i32 = Code::Ok as i32;
+const OVER: i32 = Code::OverLimit as i32;
+
+#[tokio::test]
+async fn admits_up_to_the_limit_and_reports_the_window() {
+    let server = InProc::start(RULES, |_| {}).await;
+    let mut client = server.client().await;
+    let req = request("test", &[&[("remote_address", "10.0.0.1")]]);
+    for expected_remaining in [2, 1, 0] {
+        let response = client
+            .should_rate_limit(req.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(codes(&response), (OK, vec![OK]));
+        let status = &response.statuses[0];
+        assert_eq!(status.limit_remaining, expected_remaining);
+        let limit = status.current_limit.as_ref().expect("current_limit");
+        assert_eq!(limit.requests_per_unit, 3);
+        assert_eq!(limit.unit, ProtoUnit::Minute as i32);
+        let reset = status.duration_until_reset.as_ref().expect("reset").seconds;
+        assert!((1..=60).contains(&reset), "{reset}");
+    }
+    let response = client
+        .should_rate_limit(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(codes(&response), (OVER, vec![OVER]));
+    assert_eq!(response.statuses[0].limit_remaining, 0);
+    // Each distinct value of a bare key has its own counter.
+    let other = request("test", &[&[("remote_address", "10.0.0.2")]]);
+    let response = client.should_rate_limit(other).await.unwrap().into_inner();
+    assert_eq!(codes(&response), (OK, vec![OK]));
+}
+
+#[tokio::test]
+async fn exact_values_beat_bare_keys_and_unknown_input_is_not_limited() {
+    let server = InProc::start(RULES, |_| {}).await;
+    let mut client = server.client().await;
+    let banned = request("test", &[&[("remote_address", "50.0.0.5")]]);
+    let response = client.should_rate_limit(banned).await.unwrap().into_inner();
+    assert_eq!(codes(&response), (OVER, vec![OVER]));
+
+    for unmatched in [
+        request("other-domain", &[&[("remote_address", "10.0.0.1")]]),
+        request("test", &[&[("unknown_key", "x")]]),
+        // More entries than the tree is deep.
+        request("test", &[&[("remote_address", "10.0.0.1"), ("extra", "y")]]),
+        // A node without a rate_limit.
+        request("test", &[&[("tenant", "acme")]]),
+    ] {
+        let response = client
+            .should_rate_limit(unmatched)
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(codes(&response), (OK, vec![OK]));
+        assert!(response.statuses[0].current_limit.is_none());
+    }
+}
+
+#[tokio::test]
+async fn wildcards_share_a_counter_only_with_share_threshold() {
+    let server = InProc::start(RULES, |_| {}).await;
+    let mut client = server.client().await;
+    let shared = |id: &str| request("test", &[&[("path", &format!("/api/{id}/action"))]]);
+    assert_eq!(
+        codes(
+            &client
+                .should_rate_limit(shared("1"))
+                .await
+                .unwrap()
+                .into_inner()
+        )
+        .0,
+        OK
+    );
+    assert_eq!(
+        codes(
+            &client
+                .should_rate_limit(shared("2"))
+                .await
+                .unwrap()
+                .into_inner()
+        )
+        .0,
+        OK
+    );
+    assert_eq!(
+        codes(
+            &client
+                .should_rate_limit(shared("3"))
+                .await
+                .unwrap()
+                .into_inner()
+        )
+        .0,
+        OVER
+    );
+
+    let own = |name: &str| request("test", &[&[("path", &format!("/files/{name}"))]]);
+    assert_eq!(
+        codes(
+            &client
+                .should_rate_limit(own("a"))
+                .await
+                .unwrap()
+                .into_inner()
+        )
+        .0,
+        OK
+    );
+    assert_eq!(
+        codes(
+            &client
+                .should_rate_limit(own("a"))
+                .await
+                .unwrap()
+                .into_inner()
+        )
+        .0,
+        OVER
+    );
+    assert_eq!(
+        codes(
+            &client
+                .should_rate_limit(own("b"))
+                .await
+                .unwrap()
+                .into_inner()
+        )
+        .0,
+        OK
+    );
+}
+
+#[tokio::test]
+async fn nested_descriptors_shadow_mode_and_replaces() {
+    let server = InProc::start(RULES, |_| {}).await;
+    let mut client = server.client().await;
+    let user = request("test", &[&[("tenant", "acme"), ("user", "ann")]]);
+    for _ in 0..2 {
+        let r = client
+            .should_rate_limit(user.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(codes(&r), (OK, vec![OK]));
+        assert_eq!(
+            r.statuses[0].current_limit.as_ref().unwrap().name,
+            "per_user"
+        );
+    }
+    assert_eq!(
+        codes(&client.should_rate_limit(user).await.unwrap().into_inner()),
+        (OVER, vec![OVER])
+    );
+
+    // Shadow mode: over its limit after one hit, still answered OK.
+    let canary = request("test", &[&[("tenant", "acme"), ("user", "canary")]]);
+    for _ in 0..3 {
+        let r = client
+            .should_rate_limit(canary.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(codes(&r), (OK, vec![OK]));
+    }
+
+    // A premium plan descriptor replaces the per_user limit matched by the other descriptor.
+    let premium = request(
+        "test",
+        &[
+            &[("tenant", "acme"), ("user", "bob")],
+            &[("plan", "premium")],
+        ],
+    );
+    for _ in 0..4 {
+        let r = client
+            .should_rate_limit(premium.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(codes(&r), (OK, vec![OK, OK]));
+        assert!(
+            r.statuses[0].current_limit.is_none(),
+            "per_user was replaced"
+        );
+    }
+    let r = client
+        .should_rate_limit(premium)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(codes(&r), (OVER, vec![OK, OVER]));
+}
+
+#[tokio::test]
+async fn unlimited_and_quota_mode() {
+    let server = InProc::start(RULES, |_| {}).await;
+    let mut client = server.client().await;
+    let internal = request("test", &[&[("internal", "anything")]]);
+    for _ in 0..20 {
+        let r = client
+            .should_rate_limit(internal.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(codes(&r), (OK, vec![OK]));
+        assert_eq!(r.statuses[0].limit_remaining, u32::MAX);
+        assert!(r.statuses[0].current_limit.is_none());
+    }
+
+    let quotas = request("test", &[&[("quota_a", "x")], &[("quota_b", "x")]]);
+    let r = client
+        .should_rate_limit(quotas.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(codes(&r), (OK, vec![OK, OK]));
+    // quota_a is spent but quota_b is not: the request passes, quota_a's status says over.
+    let r = client
+        .should_rate_limit(quotas.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(codes(&r), (OK, vec![OVER, OK]));
+    // Both spent: over.
+    let r = client.should_rate_limit(quotas).await.unwrap().into_inner();
+    assert_eq!(codes(&r), (OVER, vec![OVER, OVER]));
+}
+
+#[tokio::test]
+async fn hits_addend_and_a_rejected_request_consumes_nothing() {
+    let server = InProc::start(RULES, |_| {}).await;
+    let mut client = server.client().await;
+    let mut req = request("test", &[&[("bulk", "a")]]);
+    req.hits_addend = 4;
+    let r = client
+        .should_rate_limit(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.statuses[0].limit_remaining, 6);
+    // The descriptor's own addend wins over the request's.
+    req.descriptors[0].hits_addend = Some(5);
+    let r = client
+        .should_rate_limit(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.statuses[0].limit_remaining, 1);
+    // 5 more do not fit: rejected, and nothing is consumed.
+    let r = client
+        .should_rate_limit(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(codes(&r), (OVER, vec![OVER]));
+    // A request hits_addend of 0 means 1.
+    let mut one = request("test", &[&[("bulk", "a")]]);
+    one.hits_addend = 0;
+    let r = client
+        .should_rate_limit(one.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.overall_code, r.statuses[0].limit_remaining), (OK, 0));
+    // A per-descriptor addend of 0 only reads.
+    one.descriptors[0].hits_addend = Some(0);
+    let r = client.should_rate_limit(one).await.unwrap().into_inner();
+    assert_eq!((r.overall_code, r.statuses[0].limit_remaining), (OK, 0));
+
+    // A request rejected by one descriptor is not charged to its other descriptors.
+    let both = request(
+        "test",
+        &[&[("bulk", "b")], &[("remote_address", "50.0.0.5")]],
+    );
+    for _ in 0..3 {
+        let r = client
+            .should_rate_limit(both.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(codes(&r), (OVER, vec![OK, OVER]));
+    }
+    let alone = request("test", &[&[("bulk", "b")]]);
+    let r = client.should_rate_limit(alone).await.unwrap().into_inner();
+    assert_eq!(r.statuses[0].limit_remaining, 9);
+}
+
+#[tokio::test]
+async fn envoy_limit_override_replaces_the_configured_limit() {
+    let server = InProc::start(RULES, |_| {}).await;
+    let mut client = server.client().await;
+    let mut d = descriptor(&[("anything", "at-all")]);
+    d.limit = Some(RateLimitOverride {
+        requests_per_unit: 2,
+        unit: ProtoUnit::Hour as i32,
+    });
+    let req = hivemind::proto::RateLimitRequest {
+        domain: "test".into(),
+        descriptors: vec![d],
+        hits_addend: 1,
+    };
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let r = client
+            .should_rate_limit(req.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        let limit = r.statuses[0]
+            .current_limit
+            .as_ref()
+            .expect("override limit reported");
+        assert_eq!(
+            (limit.requests_per_unit, limit.unit),
+            (2, ProtoUnit::Hour as i32)
+        );
+        seen.push(r.overall_code);
+    }
+    assert_eq!(seen, [OK, OK, OVER]);
+}
+
+#[tokio::test]
+async fn rate_limit_headers_come_from_the_descriptor_closest_to_its_limit() {
+    let server = InProc::start(RULES, |s| s.response.rate_limit_headers = true).await;
+    let mut client = server.client().await;
+    let req = request(
+        "test",
+        &[&[("bulk", "h")], &[("remote_address", "10.9.9.9")]],
+    );
+    let r = client.should_rate_limit(req).await.unwrap().into_inner();
+    let headers: Vec<(String, String)> = r
+        .response_headers_to_add
+        .iter()
+        .map(|h| (h.key.clone(), h.value.clone()))
+        .collect();
+    assert_eq!(headers[0], ("RateLimit-Limit".into(), "3".into()));
+    assert_eq!(headers[1], ("RateLimit-Remaining".into(), "2".into()));
+    assert_eq!(headers[2].0, "RateLimit-Reset");
+    let reset: u64 = headers[2].1.parse().unwrap();
+    assert!((1..=60).contains(&reset));
+
+    let plain = InProc::start(RULES, |_| {}).await;
+    let r = plain
+        .client()
+        .await
+        .should_rate_limit(request("test", &[&[("bulk", "h")]]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        r.response_headers_to_add.is_empty(),
+        "headers are off by default"
+    );
+}
+
+#[tokio::test]
+async fn grpc_health_reports_serving() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let server = InProc::start(RULES, |_| {}).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let status = health
+        .check(HealthCheckRequest {
+            service: "envoy.service.ratelimit.v3.RateLimitService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}
+
+#[tokio::test]
+async fn graceful_shutdown_returns_and_stops_listening() {
+    let server = InProc::start(RULES, |_| {}).await;
+    let addr = server.grpc_addr;
+    let mut client = server.client().await;
+    let r = client
+        .should_rate_limit(request("test", &[&[("bulk", "x")]]))
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().overall_code, OK);
+    server.stop().await.expect("clean shutdown");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still accepting after shutdown"
+    );
+}

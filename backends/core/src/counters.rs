@@ -13,7 +13,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::hit::{request_admitted, Decision, Enforcement, Hit};
-use crate::window::{UnixTime, Unit, Window};
+use crate::window::{Unit, UnixTime, Window};
 
 /// How many keys one eviction pass frees, as a fraction of `max_keys` (1/8), so the cost of a
 /// pass is spread over many new keys.
@@ -230,7 +230,10 @@ impl LocalCounters {
                 }
                 Enforcement::Shadow => {
                     let count = slot.peek(window);
-                    (u64::from(count) + u64::from(hit.addend) > u64::from(limit), count)
+                    (
+                        u64::from(count) + u64::from(hit.addend) > u64::from(limit),
+                        count,
+                    )
                 }
             };
             decisions.push(Decision {
@@ -403,7 +406,7 @@ mod tests {
         let h = [hit("k", 1, Unit::Second, 1, Enforcement::Enforce)];
         assert!(!counters.check(&h, T0)[0].over_limit);
         assert!(counters.check(&h, T0)[0].over_limit);
-        let next = T0.add(std::time::Duration::from_secs(1));
+        let next = T0.plus(std::time::Duration::from_secs(1));
         assert!(!counters.check(&h, next)[0].over_limit);
     }
 
@@ -450,7 +453,10 @@ mod tests {
         counters.check(&[hit("sec", 5, Unit::Second, 1, Enforcement::Enforce)], T0);
         counters.check(&[hit("hour", 5, Unit::Hour, 1, Enforcement::Enforce)], T0);
         assert_eq!(counters.sweep(T0), 0);
-        assert_eq!(counters.sweep(T0.add(std::time::Duration::from_secs(2))), 1);
+        assert_eq!(
+            counters.sweep(T0.plus(std::time::Duration::from_secs(2))),
+            1
+        );
         assert_eq!(counters.stats().live_keys, 1);
         assert_eq!(counters.count("hour", Unit::Hour, T0), 1);
     }
@@ -472,7 +478,10 @@ mod tests {
         let stats = counters.stats();
         assert!(stats.evicted >= 19_000, "{stats:?}");
         assert!(stats.eviction_passes > 0);
-        assert!(counters.check(&hot, T0)[0].over_limit, "hot key was evicted");
+        assert!(
+            counters.check(&hot, T0)[0].over_limit,
+            "hot key was evicted"
+        );
     }
 
     #[test]

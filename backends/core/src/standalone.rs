@@ -25,18 +25,13 @@ pub struct Standalone {
 
 impl Standalone {
     /// A strategy over `counters`, sweeping ended windows every `sweep_every` by `clock`.
-    pub fn new(
-        counters: Arc<LocalCounters>,
-        clock: Arc<dyn Clock>,
-        sweep_every: Duration,
-    ) -> Self {
+    pub fn new(counters: Arc<LocalCounters>, clock: Arc<dyn Clock>, sweep_every: Duration) -> Self {
         let (stop, stopped) = mpsc::channel::<()>();
         let swept = counters.clone();
         std::thread::Builder::new()
             .name("hivemind-sweeper".into())
             .spawn(move || {
-                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(sweep_every)
-                {
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(sweep_every) {
                     swept.sweep(clock.now());
                 }
             })

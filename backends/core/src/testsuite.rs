@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use crate::hit::{Enforcement, Hit, Limit};
 use crate::strategy::SyncStrategy;
-use crate::window::{UnixTime, Unit};
+use crate::window::{Unit, UnixTime};
 
 /// A time in the middle of a minute window: 20 s after a minute boundary.
 pub const T0: UnixTime = UnixTime::from_secs(1_700_000_040 + 20);
@@ -94,26 +94,50 @@ async fn admits_up_to_the_limit_then_rejects(strategy: &impl SyncStrategy, run: 
 }
 
 async fn zero_limit_blocks_everything(strategy: &impl SyncStrategy, run: &str) {
-    let batch = [hit(&format!("{run}-zero"), 0, Unit::Second, 1, Enforcement::Enforce)];
+    let batch = [hit(
+        &format!("{run}-zero"),
+        0,
+        Unit::Second,
+        1,
+        Enforcement::Enforce,
+    )];
     assert_eq!(over(strategy, &batch, T0).await, [true]);
 }
 
 async fn a_new_window_resets_the_count(strategy: &impl SyncStrategy, run: &str) {
-    let batch = [hit(&format!("{run}-window"), 2, Unit::Minute, 1, Enforcement::Enforce)];
+    let batch = [hit(
+        &format!("{run}-window"),
+        2,
+        Unit::Minute,
+        1,
+        Enforcement::Enforce,
+    )];
     assert_eq!(over(strategy, &batch, T0).await, [false]);
     assert_eq!(over(strategy, &batch, T0).await, [false]);
     assert_eq!(over(strategy, &batch, T0).await, [true]);
     // Still the same minute 39 s later.
-    let same = T0.add(Duration::from_secs(39));
+    let same = T0.plus(Duration::from_secs(39));
     assert_eq!(over(strategy, &batch, same).await, [true]);
     // The next minute starts empty.
-    let next = T0.add(Duration::from_secs(40));
+    let next = T0.plus(Duration::from_secs(40));
     assert_eq!(over(strategy, &batch, next).await, [false]);
 }
 
 async fn keys_and_units_count_separately(strategy: &impl SyncStrategy, run: &str) {
-    let a = [hit(&format!("{run}-a"), 1, Unit::Hour, 1, Enforcement::Enforce)];
-    let b = [hit(&format!("{run}-b"), 1, Unit::Hour, 1, Enforcement::Enforce)];
+    let a = [hit(
+        &format!("{run}-a"),
+        1,
+        Unit::Hour,
+        1,
+        Enforcement::Enforce,
+    )];
+    let b = [hit(
+        &format!("{run}-b"),
+        1,
+        Unit::Hour,
+        1,
+        Enforcement::Enforce,
+    )];
     assert_eq!(over(strategy, &a, T0).await, [false]);
     assert_eq!(over(strategy, &a, T0).await, [true]);
     assert_eq!(over(strategy, &b, T0).await, [false]);
@@ -134,7 +158,10 @@ async fn multi_hit_requests_count_all_or_nothing(strategy: &impl SyncStrategy, r
     }
     let alone = [hit(&roomy, 10, Unit::Minute, 1, Enforcement::Enforce)];
     let d = strategy.check(&alone, T0).await.expect("check");
-    assert_eq!(d[0].count, 2, "rejected requests were counted against another descriptor");
+    assert_eq!(
+        d[0].count, 2,
+        "rejected requests were counted against another descriptor"
+    );
 }
 
 async fn hits_addend_counts_as_many_hits(strategy: &impl SyncStrategy, run: &str) {
@@ -150,7 +177,10 @@ async fn hits_addend_counts_as_many_hits(strategy: &impl SyncStrategy, run: &str
     assert_eq!(over(strategy, &huge, T0).await, [true]);
     let two = [hit(&key, 10, Unit::Minute, 2, Enforcement::Enforce)];
     let d = strategy.check(&two, T0).await.expect("check");
-    assert_eq!((d[0].over_limit, d[0].count, d[0].remaining), (false, 10, 0));
+    assert_eq!(
+        (d[0].over_limit, d[0].count, d[0].remaining),
+        (false, 10, 0)
+    );
     // An addend of 0 reads without counting.
     let peek = [hit(&key, 10, Unit::Minute, 0, Enforcement::Enforce)];
     let d = strategy.check(&peek, T0).await.expect("check");
@@ -167,10 +197,19 @@ async fn shadow_hits_count_but_never_reject(strategy: &impl SyncStrategy, run: &
     // A shadow hit over its limit does not stop an enforced hit of the same request.
     let mixed = [
         hit(&key, 1, Unit::Minute, 1, Enforcement::Shadow),
-        hit(&format!("{run}-beside"), 5, Unit::Minute, 1, Enforcement::Enforce),
+        hit(
+            &format!("{run}-beside"),
+            5,
+            Unit::Minute,
+            1,
+            Enforcement::Enforce,
+        ),
     ];
     let d = strategy.check(&mixed, T0).await.expect("check");
-    assert_eq!((d[0].over_limit, d[1].over_limit, d[1].count), (true, false, 1));
+    assert_eq!(
+        (d[0].over_limit, d[1].over_limit, d[1].count),
+        (true, false, 1)
+    );
 }
 
 async fn quota_hits_reject_only_when_all_are_over(strategy: &impl SyncStrategy, run: &str) {
@@ -189,8 +228,20 @@ async fn quota_hits_reject_only_when_all_are_over(strategy: &impl SyncStrategy, 
 
 async fn reports_reset_time(strategy: &impl SyncStrategy, run: &str) {
     let batch = [
-        hit(&format!("{run}-reset-m"), 5, Unit::Minute, 1, Enforcement::Enforce),
-        hit(&format!("{run}-reset-h"), 5, Unit::Hour, 1, Enforcement::Enforce),
+        hit(
+            &format!("{run}-reset-m"),
+            5,
+            Unit::Minute,
+            1,
+            Enforcement::Enforce,
+        ),
+        hit(
+            &format!("{run}-reset-h"),
+            5,
+            Unit::Hour,
+            1,
+            Enforcement::Enforce,
+        ),
     ];
     let d = strategy.check(&batch, T0).await.expect("check");
     assert_eq!(d[0].until_reset, Duration::from_secs(40));

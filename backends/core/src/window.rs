@@ -122,7 +122,7 @@ impl UnixTime {
     }
 
     /// This time moved forward by `by`.
-    pub fn add(self, by: Duration) -> Self {
+    pub fn plus(self, by: Duration) -> Self {
         UnixTime(self.0.saturating_add(by))
     }
 }

@@ -1,0 +1,297 @@
+//! Wiring: listeners, the strategy, the rules and their reloader, the gRPC and admin servers,
+//! and graceful shutdown.
+//!
+//! [`run`] serves until `shutdown` completes, then stops accepting, marks itself unhealthy,
+//! drains in-flight calls (at most `shutdown.drain_timeout`), and stops the strategy.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hivemind_core::{Clock, LocalCounters, Standalone, SyncStrategy, SystemClock};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{info, warn};
+
+use crate::admin::{self, AdminState};
+use crate::grpc::RateLimitGrpc;
+use crate::limiter::Limiter;
+use crate::proto::{RateLimitServiceServer, FILE_DESCRIPTOR_SET};
+use crate::reload;
+use crate::rules::{RuleSet, RulesError};
+use crate::settings::{Settings, StrategyKind};
+
+/// The rules file built into the binary: the server's embedded default when
+/// `config/ratelimit.yaml` is not on disk (e.g. `cargo install`, a bare container).
+pub const EMBEDDED_RULES: &str = include_str!("../config/ratelimit.yaml");
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The initial rules are invalid.
+    #[error("invalid rules: {0}")]
+    Rules(#[from] RulesError),
+    /// The configured strategy is not available in this build.
+    #[error("strategy '{0}' is not available in this build of hivemind (available: standalone)")]
+    StrategyUnavailable(&'static str),
+    /// A server failed while running.
+    #[error("{what} server failed: {message}")]
+    Serve {
+        /// Which server.
+        what: &'static str,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// The bound listeners, so a caller can learn their addresses (port 0) before serving.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The gRPC rate limit service.
+    pub grpc: TcpListener,
+    /// The admin HTTP endpoints.
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses in `settings`.
+    pub async fn bind(settings: &Settings) -> Result<Listeners, ServerError> {
+        let bind = |what, addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { what, addr, source })
+        };
+        Ok(Listeners {
+            grpc: bind("grpc", settings.grpc.addr).await?,
+            admin: bind("admin", settings.admin.addr).await?,
+        })
+    }
+
+    /// The addresses actually bound (gRPC, admin).
+    pub fn local_addrs(&self) -> std::io::Result<(SocketAddr, SocketAddr)> {
+        Ok((self.grpc.local_addr()?, self.admin.local_addr()?))
+    }
+}
+
+/// Where the initial rules came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RulesSource {
+    /// A file or directory on disk, watched for changes.
+    Path(PathBuf),
+    /// The copy built into the binary (the default path did not exist).
+    Embedded,
+}
+
+/// Loads the initial rules: the configured path, or the embedded copy when the path is the
+/// default one and does not exist.
+pub fn load_rules(settings: &Settings) -> Result<(RuleSet, RulesSource), RulesError> {
+    let path = &settings.rules.path;
+    if settings.rules_path_is_default() && !path.exists() {
+        let rules = RuleSet::from_sources(&[(
+            "embedded:config/ratelimit.yaml".to_owned(),
+            EMBEDDED_RULES.to_owned(),
+        )])?;
+        return Ok((rules, RulesSource::Embedded));
+    }
+    Ok((RuleSet::load(path)?, RulesSource::Path(path.clone())))
+}
+
+/// Builds the configured strategy over `counters`.
+pub fn build_strategy(
+    settings: &Settings,
+    counters: Arc<LocalCounters>,
+    clock: Arc<dyn Clock>,
+) -> Result<Arc<dyn SyncStrategy>, ServerError> {
+    match settings.strategy {
+        StrategyKind::Standalone => Ok(Arc::new(Standalone::new(
+            counters,
+            clock,
+            settings.counters.sweep_interval,
+        ))),
+        other => Err(ServerError::StrategyUnavailable(other.as_str())),
+    }
+}
+
+/// Serves on `listeners` with `settings` until `shutdown` completes, then drains and returns.
+pub async fn run(
+    settings: Settings,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let (rules, source) = load_rules(&settings)?;
+    info!(
+        source = ?source,
+        hash = rules.hash(),
+        domains = rules.domains().count(),
+        "rules loaded"
+    );
+    let store = Arc::new(ArcSwap::from_pointee(rules));
+    let reloader = match &source {
+        RulesSource::Path(path) => Some(reload::spawn(
+            path.clone(),
+            settings.rules.reload_interval,
+            store.clone(),
+        )),
+        RulesSource::Embedded => None,
+    };
+    let counters = Arc::new(LocalCounters::new(settings.counters.max_keys));
+    let strategy = build_strategy(&settings, counters.clone(), clock.clone())?;
+    let limiter = Arc::new(Limiter::new(
+        store,
+        strategy.clone(),
+        clock,
+        settings.response.clone(),
+    ));
+    let _key_cap_monitor = spawn_key_cap_monitor(counters.clone());
+
+    let serving = Arc::new(AtomicBool::new(true));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<RateLimitServiceServer<RateLimitGrpc>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Serve {
+            what: "grpc reflection",
+            message: e.to_string(),
+        })?;
+    let rls = RateLimitServiceServer::new(RateLimitGrpc::new(limiter.clone()))
+        .max_decoding_message_size(settings.grpc.max_message_bytes);
+    let grpc = tonic::transport::Server::builder()
+        .add_service(rls)
+        .add_service(health_service)
+        .add_service(reflection)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listeners.grpc),
+            stopped(stop_rx.clone()),
+        );
+
+    let admin_state = Arc::new(AdminState {
+        limiter,
+        reload: reloader.as_ref().map(reload::ReloadHandle::status_cell),
+        counters,
+        serving: serving.clone(),
+    });
+    let admin = axum::serve(listeners.admin, admin::router(admin_state))
+        .with_graceful_shutdown(stopped(stop_rx));
+
+    let grpc = tokio::spawn(grpc);
+    let admin = tokio::spawn(async move { admin.await });
+    shutdown.await;
+
+    info!("shutting down: no new connections, draining in-flight calls");
+    serving.store(false, Ordering::Release);
+    health_reporter
+        .set_not_serving::<RateLimitServiceServer<RateLimitGrpc>>()
+        .await;
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(settings.shutdown.drain_timeout, async {
+        let grpc = grpc.await;
+        let admin = admin.await;
+        (grpc, admin)
+    })
+    .await;
+    strategy.shutdown().await;
+    drop(reloader);
+    match drained {
+        Err(_) => {
+            warn!(timeout = ?settings.shutdown.drain_timeout, "drain timed out; exiting with calls in flight");
+            Ok(())
+        }
+        Ok((grpc, admin)) => {
+            flatten("grpc", grpc.map(|r| r.map_err(|e| e.to_string())))?;
+            flatten("admin", admin.map(|r| r.map_err(|e| e.to_string())))?;
+            info!("shutdown complete");
+            Ok(())
+        }
+    }
+}
+
+fn flatten(
+    what: &'static str,
+    result: Result<Result<(), String>, tokio::task::JoinError>,
+) -> Result<(), ServerError> {
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(message)) => Err(ServerError::Serve { what, message }),
+        Err(join) => Err(ServerError::Serve {
+            what,
+            message: join.to_string(),
+        }),
+    }
+}
+
+/// Logs when the key cap forces evictions (at most every 10 s), so an operator sees a flood of
+/// distinct keys. Dropping the handle stops it.
+fn spawn_key_cap_monitor(counters: Arc<LocalCounters>) -> AbortOnDrop {
+    AbortOnDrop(tokio::spawn(async move {
+        let mut reported = 0;
+        let mut ticker = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            ticker.tick().await;
+            let stats = counters.stats();
+            if stats.evicted > reported {
+                warn!(
+                    evicted = stats.evicted - reported,
+                    evicted_total = stats.evicted,
+                    max_keys = counters.max_keys(),
+                    "counter key cap reached; evicted the coldest keys (raise counters.max_keys if this is legitimate traffic)"
+                );
+                reported = stats.evicted;
+            }
+        }
+    }))
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => info!(signal = "SIGINT", "signal received"),
+        () = terminate => info!(signal = "SIGTERM", "signal received"),
+    }
+}

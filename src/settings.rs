@@ -1,0 +1,531 @@
+//! Server settings, layered with figment (lowest to highest priority):
+//!
+//! 1. built-in defaults ([`Settings::default`]);
+//! 2. a YAML settings file: `--settings PATH` or `HIVEMIND_SETTINGS`, else `config/hivemind.yaml`
+//!    if it exists in the working directory;
+//! 3. environment variables `HIVEMIND_*`, nested with `__` (`HIVEMIND_GRPC__ADDR=0.0.0.0:8081`);
+//! 4. command-line flags.
+//!
+//! Unknown keys are errors that name the layer that supplied them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Format, Yaml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::{Deserialize, Serialize};
+
+/// Where a settings file is looked for when none is named.
+pub const DEFAULT_SETTINGS_PATH: &str = "config/hivemind.yaml";
+/// Where the rules are read from when none are named.
+pub const DEFAULT_RULES_PATH: &str = "config/ratelimit.yaml";
+/// The environment variable that names the settings file.
+pub const SETTINGS_ENV: &str = "HIVEMIND_SETTINGS";
+/// The prefix of environment variables that set settings.
+pub const ENV_PREFIX: &str = "HIVEMIND_";
+
+/// Every setting of the server. Each has a default; see `config/hivemind.yaml`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// How nodes agree on counts.
+    pub strategy: StrategyKind,
+    /// The Envoy rate limit gRPC service.
+    pub grpc: GrpcSettings,
+    /// The admin HTTP endpoints (health, JSON, rules dump).
+    pub admin: AdminSettings,
+    /// Where the rate limit rules come from.
+    pub rules: RulesSettings,
+    /// The local counters every strategy uses.
+    pub counters: CounterSettings,
+    /// What goes into responses beyond the statuses.
+    pub response: ResponseSettings,
+    /// The gossip mesh (strategy `gossip`).
+    pub mesh: MeshSettings,
+    /// Log output.
+    pub log: LogSettings,
+    /// Graceful shutdown.
+    pub shutdown: ShutdownSettings,
+}
+
+/// The strategy that decides how nodes agree on counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StrategyKind {
+    /// Local counters only: exact per node.
+    #[default]
+    Standalone,
+    /// Local counters shared over a chitchat gossip mesh.
+    Gossip,
+    /// Counters in Redis: exact across nodes.
+    Redis,
+}
+
+impl StrategyKind {
+    /// The name used in settings and flags.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StrategyKind::Standalone => "standalone",
+            StrategyKind::Gossip => "gossip",
+            StrategyKind::Redis => "redis",
+        }
+    }
+}
+
+/// The gRPC listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcSettings {
+    /// Address of the `envoy.service.ratelimit.v3.RateLimitService` listener (`-a/--addr`).
+    pub addr: SocketAddr,
+    /// Largest request message accepted, in bytes; larger requests get RESOURCE_EXHAUSTED.
+    pub max_message_bytes: usize,
+}
+
+impl Default for GrpcSettings {
+    fn default() -> Self {
+        GrpcSettings {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            max_message_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// The admin HTTP listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Address of `/healthcheck`, `/json`, `/rlconfig` and `/stats` (`--admin-addr`).
+    pub addr: SocketAddr,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        AdminSettings {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
+    }
+}
+
+/// Where the rules are and how often they are checked for changes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RulesSettings {
+    /// A rules file, or a directory of domain files (`-c/--config`). When it is left at its
+    /// default and `config/ratelimit.yaml` does not exist, the copy built into the binary is used.
+    pub path: PathBuf,
+    /// How often the rules are checked for changes (in-place writes, renames, symlink swaps).
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for RulesSettings {
+    fn default() -> Self {
+        RulesSettings {
+            path: PathBuf::from(DEFAULT_RULES_PATH),
+            reload_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The local counters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CounterSettings {
+    /// The most counter keys held at once. Beyond it the coldest keys are evicted (logged and
+    /// counted); enforcement never stops.
+    pub max_keys: usize,
+    /// How often keys whose window ended are dropped.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+}
+
+impl Default for CounterSettings {
+    fn default() -> Self {
+        CounterSettings {
+            max_keys: 1_000_000,
+            sweep_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Optional response headers, as envoyproxy/ratelimit's `LIMIT_RESPONSE_HEADERS_ENABLED`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResponseSettings {
+    /// Add `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` to responses, from the
+    /// descriptor closest to its limit. Envoy's own `enable_x_ratelimit_headers` works without it.
+    pub rate_limit_headers: bool,
+    /// Name of the limit header.
+    pub limit_header: String,
+    /// Name of the remaining header.
+    pub remaining_header: String,
+    /// Name of the reset header.
+    pub reset_header: String,
+}
+
+impl Default for ResponseSettings {
+    fn default() -> Self {
+        ResponseSettings {
+            rate_limit_headers: false,
+            limit_header: "RateLimit-Limit".into(),
+            remaining_header: "RateLimit-Remaining".into(),
+            reset_header: "RateLimit-Reset".into(),
+        }
+    }
+}
+
+/// The gossip mesh.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MeshSettings {
+    /// This node's id in the mesh (`--node-id`); generated when absent.
+    pub node_id: Option<String>,
+    /// UDP address the mesh binds (`--mesh-addr`).
+    pub addr: SocketAddr,
+    /// Seed peers `host:port` to join through (`--peers`, comma-separated in flags and env).
+    #[serde(deserialize_with = "comma_separated")]
+    pub peers: Vec<String>,
+}
+
+impl Default for MeshSettings {
+    fn default() -> Self {
+        MeshSettings {
+            node_id: None,
+            addr: SocketAddr::from(([0, 0, 0, 0], 7946)),
+            peers: Vec::new(),
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `hivemind=debug,info`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// The shape of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Graceful shutdown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownSettings {
+    /// How long in-flight calls may take to finish after SIGTERM before the server exits anyway.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownSettings {
+    fn default() -> Self {
+        ShutdownSettings {
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Accepts a list or one comma-separated string (the form flags and env variables give).
+fn comma_separated<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(de)? {
+        OneOrMany::One(joined) => joined
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
+        OneOrMany::Many(list) => list,
+    })
+}
+
+/// Why the settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// A settings file named by `--settings` or `HIVEMIND_SETTINGS` does not exist.
+    #[error("settings file {0} does not exist")]
+    MissingFile(PathBuf),
+    /// A layer holds an unknown key, a value of the wrong type, or bad YAML. figment's message
+    /// names the key and the layer (file path, `HIVEMIND_` environment variables or flags).
+    #[error("invalid settings: {0}")]
+    Invalid(Box<figment::Error>),
+}
+
+/// Values from command-line flags, the highest layer. Only flags given on the command line are
+/// set, so an absent flag never hides a lower layer.
+#[derive(Debug, Clone, Default)]
+pub struct FlagValues {
+    /// Dotted setting path → value.
+    values: Vec<(&'static str, Value)>,
+}
+
+impl FlagValues {
+    /// Sets `path` (dotted, e.g. `grpc.addr`) to `value`.
+    pub fn set(&mut self, path: &'static str, value: impl Into<Value>) {
+        self.values.push((path, value.into()));
+    }
+}
+
+impl Provider for FlagValues {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("command-line flags")
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let mut root = Dict::new();
+        for (path, value) in &self.values {
+            insert_path(&mut root, path, value.clone());
+        }
+        Ok(Map::from([(Profile::Default, root)]))
+    }
+}
+
+fn insert_path(dict: &mut Dict, path: &str, value: Value) {
+    match path.split_once('.') {
+        None => {
+            dict.insert(path.to_owned(), value);
+        }
+        Some((head, rest)) => {
+            let child = dict
+                .entry(head.to_owned())
+                .or_insert_with(|| Value::from(Dict::new()));
+            if let Value::Dict(_, child) = child {
+                insert_path(child, rest, value);
+            }
+        }
+    }
+}
+
+/// Where the settings file comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SettingsFile {
+    /// Named explicitly: it must exist.
+    Named(PathBuf),
+    /// The default path: read if present.
+    Default(PathBuf),
+}
+
+impl SettingsFile {
+    /// `--settings` if given, else `HIVEMIND_SETTINGS`, else the default path.
+    pub fn resolve(flag: Option<PathBuf>, env: Option<std::ffi::OsString>) -> Self {
+        match flag.or_else(|| env.map(PathBuf::from)) {
+            Some(path) => SettingsFile::Named(path),
+            None => SettingsFile::Default(PathBuf::from(DEFAULT_SETTINGS_PATH)),
+        }
+    }
+}
+
+impl Settings {
+    /// Builds the layered settings: defaults, the settings file, `HIVEMIND_*` variables from
+    /// `env`, then `flags`.
+    pub fn load(
+        file: &SettingsFile,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: FlagValues,
+    ) -> Result<Settings, SettingsError> {
+        let mut figment =
+            Figment::from(figment::providers::Serialized::defaults(Settings::default()));
+        match file {
+            SettingsFile::Named(path) if !path.exists() => {
+                return Err(SettingsError::MissingFile(path.clone()))
+            }
+            SettingsFile::Named(path) => figment = figment.merge(Yaml::file_exact(path)),
+            SettingsFile::Default(path) if path.exists() => {
+                figment = figment.merge(Yaml::file_exact(path))
+            }
+            SettingsFile::Default(_) => {}
+        }
+        figment
+            .merge(env_layer(env))
+            .merge(flags)
+            .extract()
+            .map_err(|e| SettingsError::Invalid(Box::new(e)))
+    }
+
+    /// The settings as YAML, for `--check-config`.
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).unwrap_or_else(|e| format!("# unprintable settings: {e}\n"))
+    }
+
+    /// Whether the rules path is the built-in default (so the embedded rules may stand in).
+    pub fn rules_path_is_default(&self) -> bool {
+        self.rules.path == Path::new(DEFAULT_RULES_PATH)
+    }
+}
+
+/// The `HIVEMIND_*` environment layer over the given variables (tests pass their own; the binary
+/// passes `std::env::vars()`). `HIVEMIND_SETTINGS` names the file and is not a setting.
+fn env_layer(env: impl IntoIterator<Item = (String, String)>) -> impl Provider {
+    let vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(name, _)| name.starts_with(ENV_PREFIX) && name != SETTINGS_ENV)
+        .collect();
+    // figment's Env reads the process environment; feed it the filtered list instead so that
+    // tests and `--check-config` see exactly what was passed.
+    let mut dict = Dict::new();
+    for (name, value) in vars {
+        let path = name[ENV_PREFIX.len()..]
+            .to_ascii_lowercase()
+            .replace("__", ".");
+        let parsed: Value = value.parse().unwrap_or_else(|_| Value::from(value.clone()));
+        insert_path(&mut dict, &path, parsed);
+    }
+    EnvLayer(dict)
+}
+
+/// The parsed `HIVEMIND_*` variables as a figment layer.
+struct EnvLayer(Dict);
+
+impl Provider for EnvLayer {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("`HIVEMIND_` environment variable(s)")
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Map::from([(Profile::Default, self.0.clone())]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn file(dir: &tempfile::TempDir, text: &str) -> SettingsFile {
+        let path = dir.path().join("hivemind.yaml");
+        std::fs::write(&path, text).unwrap();
+        SettingsFile::Named(path)
+    }
+
+    #[test]
+    fn defaults_apply_without_any_layer() {
+        let missing = SettingsFile::Default(PathBuf::from("/nonexistent/hivemind.yaml"));
+        let settings = Settings::load(&missing, vars(&[]), FlagValues::default()).unwrap();
+        assert_eq!(settings, Settings::default());
+        assert_eq!(settings.grpc.addr.to_string(), "127.0.0.1:8081");
+        assert_eq!(settings.admin.addr.to_string(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn the_shipped_settings_file_states_the_defaults() {
+        let shipped = SettingsFile::Named(PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/hivemind.yaml"
+        )));
+        let settings = Settings::load(&shipped, vars(&[]), FlagValues::default()).unwrap();
+        assert_eq!(settings, Settings::default());
+    }
+
+    #[test]
+    fn layers_override_in_order_file_env_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = file(
+            &dir,
+            "grpc: { addr: 127.0.0.1:1111 }\nadmin: { addr: 127.0.0.1:2222 }\ncounters: { max_keys: 7 }\n",
+        );
+        let env = vars(&[
+            ("HIVEMIND_ADMIN__ADDR", "127.0.0.1:3333"),
+            ("HIVEMIND_COUNTERS__MAX_KEYS", "9"),
+            ("HIVEMIND_MESH__PEERS", "a:1, b:2"),
+            ("UNRELATED", "x"),
+        ]);
+        let mut flags = FlagValues::default();
+        flags.set("counters.max_keys", 11u64);
+        let settings = Settings::load(&file, env, flags).unwrap();
+        assert_eq!(settings.grpc.addr.to_string(), "127.0.0.1:1111");
+        assert_eq!(settings.admin.addr.to_string(), "127.0.0.1:3333");
+        assert_eq!(settings.counters.max_keys, 11);
+        assert_eq!(settings.mesh.peers, ["a:1", "b:2"]);
+    }
+
+    #[test]
+    fn durations_are_human_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = file(&dir, "rules: { reload_interval: 250ms }\n");
+        let settings = Settings::load(&file, vars(&[]), FlagValues::default()).unwrap();
+        assert_eq!(settings.rules.reload_interval, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn unknown_keys_name_their_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad_file = file(&dir, "grpc: { adress: 127.0.0.1:1 }\n");
+        let err = Settings::load(&bad_file, vars(&[]), FlagValues::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("adress"), "{err}");
+        assert!(err.contains("hivemind.yaml"), "{err}");
+
+        let none = SettingsFile::Default(PathBuf::from("/nonexistent"));
+        let err = Settings::load(
+            &none,
+            vars(&[("HIVEMIND_STRATEGI", "redis")]),
+            FlagValues::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("strategi"), "{err}");
+        assert!(err.contains("HIVEMIND_"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        let none = SettingsFile::Default(PathBuf::from("/nonexistent"));
+        for (name, value) in [
+            ("HIVEMIND_STRATEGY", "quantum"),
+            ("HIVEMIND_GRPC__ADDR", "not-an-address"),
+            ("HIVEMIND_COUNTERS__MAX_KEYS", "-3"),
+            ("HIVEMIND_RULES__RELOAD_INTERVAL", "soon"),
+        ] {
+            let err = Settings::load(&none, vars(&[(name, value)]), FlagValues::default());
+            assert!(err.is_err(), "{name}={value} was accepted");
+        }
+    }
+
+    #[test]
+    fn a_named_settings_file_must_exist() {
+        let named = SettingsFile::Named(PathBuf::from("/nonexistent/settings.yaml"));
+        let err = Settings::load(&named, vars(&[]), FlagValues::default()).unwrap_err();
+        assert!(matches!(err, SettingsError::MissingFile(_)));
+        assert_eq!(
+            SettingsFile::resolve(None, Some("/x.yaml".into())),
+            SettingsFile::Named("/x.yaml".into())
+        );
+        assert_eq!(
+            SettingsFile::resolve(Some("/flag.yaml".into()), Some("/x.yaml".into())),
+            SettingsFile::Named("/flag.yaml".into())
+        );
+    }
+}

@@ -1,0 +1,154 @@
+//! The `hivemind` binary as a user runs it: `--check-config`, errors for bad settings and rules,
+//! the embedded default rules, and graceful exit on SIGTERM.
+
+use std::process::Command;
+
+fn hivemind() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hivemind"));
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+    cmd.env_remove("HIVEMIND_SETTINGS");
+    cmd
+}
+
+fn run(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.output().expect("run hivemind");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_config_prints_the_effective_settings_and_validates_rules() {
+    let (code, stdout, stderr) = run(hivemind()
+        .args(["--check-config", "-a", "127.0.0.1:9999"])
+        .env("HIVEMIND_COUNTERS__MAX_KEYS", "1234"));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("addr: 127.0.0.1:9999"), "{stdout}");
+    assert!(stdout.contains("max_keys: 1234"), "{stdout}");
+    assert!(stdout.contains("# rules ok"), "{stdout}");
+}
+
+#[test]
+fn check_config_rejects_bad_rules_with_file_and_line() {
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/test/fixtures/rules/invalid/bad_unit.yaml"
+    );
+    let (code, _, stderr) = run(hivemind().args(["--check-config", "-c", fixture]));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("bad_unit.yaml:"), "{stderr}");
+    assert!(stderr.contains("unit"), "{stderr}");
+}
+
+#[test]
+fn unknown_settings_are_errors_naming_their_layer() {
+    let (code, _, stderr) = run(hivemind()
+        .arg("--check-config")
+        .env("HIVEMIND_GRPC__ADRESS", "127.0.0.1:1"));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("adress"), "{stderr}");
+    assert!(stderr.contains("HIVEMIND_"), "{stderr}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("settings.yaml");
+    std::fs::write(&file, "stratgy: redis\n").unwrap();
+    let (code, _, stderr) = run(hivemind()
+        .arg("--check-config")
+        .arg("--settings")
+        .arg(&file));
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("stratgy") && stderr.contains("settings.yaml"),
+        "{stderr}"
+    );
+
+    let (code, _, stderr) =
+        run(hivemind().args(["--check-config", "--settings", "/nonexistent.yaml"]));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("/nonexistent.yaml"), "{stderr}");
+
+    let (code, _, stderr) = run(hivemind().args(["-a", "not-an-address"]));
+    assert_eq!(code, 2, "clap usage error");
+    assert!(stderr.contains("not-an-address"), "{stderr}");
+}
+
+#[test]
+fn the_server_refuses_to_start_on_bad_rules() {
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/test/fixtures/rules/invalid/unknown_key.yaml"
+    );
+    let (code, _, stderr) = run(hivemind().args([
+        "-c",
+        fixture,
+        "-a",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ]));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("unknown_key.yaml:"), "{stderr}");
+}
+
+#[test]
+fn the_embedded_rules_stand_in_when_the_default_file_is_missing() {
+    // From a directory without config/ratelimit.yaml, the default rules come from the binary.
+    let empty = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) = run(hivemind().current_dir(empty.path()).arg("--check-config"));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("Embedded"), "{stdout}");
+    // A path named explicitly must exist.
+    let (code, _, stderr) =
+        run(hivemind()
+            .current_dir(empty.path())
+            .args(["--check-config", "-c", "missing.yaml"]));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("missing.yaml"), "{stderr}");
+}
+
+#[test]
+fn sigterm_drains_and_exits_zero() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut child = hivemind()
+        .args([
+            "-a",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--strategy",
+            "standalone",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn hivemind");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .expect("read the listening line");
+    assert!(line.starts_with("listening grpc=127.0.0.1:"), "{line}");
+    let admin = line.split("admin=").nth(1).unwrap().trim().to_owned();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let status = rt.block_on(async {
+        reqwest::get(format!("http://{admin}/healthcheck"))
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(status, 200);
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("shutdown complete"), "{stderr}");
+}
