@@ -8,6 +8,11 @@ use hivemind::cli::Cli;
 use hivemind::server::{self, Listeners};
 use hivemind::settings::{Settings, SettingsFile, SETTINGS_ENV};
 
+/// mimalloc instead of the system allocator: the gRPC path allocates a few small buffers per
+/// call, and glibc malloc showed up as a tenth of the server's profile under load.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {

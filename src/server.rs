@@ -16,6 +16,7 @@ use hivemind_core::{Clock, LocalCounters, Standalone, SyncStrategy, SystemClock}
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
@@ -184,7 +185,12 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection)
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.grpc),
+            // Responses are small and latency-bound: send them without Nagle's delay.
+            TcpListenerStream::new(listeners.grpc).map(|stream| {
+                stream.inspect(|s| {
+                    let _ = s.set_nodelay(true);
+                })
+            }),
             stopped(stop_rx.clone()),
         );
 

@@ -2,22 +2,32 @@
 //!
 //! The high 32 bits hold the low 32 bits of the window index, the low 32 bits the count in that
 //! window. A count that belongs to an older window reads as zero, so a new window needs no reset
-//! pass. Updates are compare-and-swap loops; the map is papaya's lock-free hash map, so the hot
-//! path takes no lock at all.
+//! pass. Updates are compare-and-swap loops on the slot. The key index is sharded: finding an
+//! existing key takes one shard's read lock (shared), so no request waits on another's count.
 //!
 //! Memory is bounded two ways: [`LocalCounters::sweep`] drops keys whose window has ended, and a
-//! `max_keys` cap evicts the coldest keys (lowest count) when a new key would exceed it, so a
+//! `max_keys` cap (split evenly over the shards) evicts a shard's coldest keys (lowest count) when
+//! a new key would exceed it, so a
 //! flood of distinct keys can neither exhaust memory nor switch enforcement off: every key, new or
 //! old, is still limited. Each eviction is counted in [`CounterStats`] and logged by the caller.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::hit::{request_admitted, Decision, Enforcement, Hit};
 use crate::window::{Unit, UnixTime, Window};
 
-/// How many keys one eviction pass frees, as a fraction of `max_keys` (1/8), so the cost of a
+/// How many keys one eviction pass frees, as a fraction of a shard's cap (1/8), so the cost of a
 /// pass is spread over many new keys.
 const EVICTION_BATCH_DIVISOR: usize = 8;
+
+/// The fewest keys a shard is sized for: a cap below `2 * MIN_KEYS_PER_SHARD` keeps one shard.
+const MIN_KEYS_PER_SHARD: usize = 4096;
+
+/// The most shards: enough to spread writers on any machine hivemind runs on.
+const MAX_SHARDS: usize = 64;
 
 /// Counts of what the bounded map had to do, for metrics and logs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -145,14 +155,23 @@ impl Slot {
     }
 }
 
+/// One shard's keys: counter key → slot.
+type ShardMap = HashMap<Box<str>, Slot, foldhash::fast::RandomState>;
+
 /// The counters of one node, keyed by counter key.
+///
+/// The key index is split into shards, each behind its own `RwLock`: the hot path (a key that
+/// already exists) takes one shard's read lock, shared with every other reader, and updates the
+/// slot with a CAS; only a new key takes a shard's write lock. No lock spans shards.
 pub struct LocalCounters {
-    /// Counter key → slot. papaya: lock-free reads and inserts, epoch-based reclamation.
-    slots: papaya::HashMap<String, Slot, foldhash::fast::RandomState>,
-    /// The most keys held at once; a new key beyond it triggers an eviction pass.
+    /// The key index; the shard of a key is picked by its hash.
+    shards: Box<[RwLock<ShardMap>]>,
+    /// Picks a key's shard (independent of the maps' own hashing).
+    shard_hasher: foldhash::fast::RandomState,
+    /// The most keys a shard holds; `shards.len() * shard_cap <= max_keys`.
+    shard_cap: usize,
+    /// The configured cap on live keys.
     max_keys: usize,
-    /// Set while one thread runs an eviction pass, so concurrent inserts do not all scan.
-    evicting: AtomicBool,
     /// Keys dropped by sweeps (window ended).
     expired: AtomicU64,
     /// Keys evicted while live, to respect `max_keys`.
@@ -165,20 +184,36 @@ impl std::fmt::Debug for LocalCounters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalCounters")
             .field("max_keys", &self.max_keys)
+            .field("shards", &self.shards.len())
             .field("stats", &self.stats())
             .finish()
     }
 }
 
+/// Reads a shard; a poisoned lock (a panic elsewhere while it was held) still holds valid slots.
+fn read(shard: &RwLock<ShardMap>) -> RwLockReadGuard<'_, ShardMap> {
+    shard.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Writes a shard; see [`read`].
+fn write(shard: &RwLock<ShardMap>) -> RwLockWriteGuard<'_, ShardMap> {
+    shard.write().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl LocalCounters {
     /// Counters that hold at most `max_keys` keys (at least 1).
     pub fn new(max_keys: usize) -> Self {
+        let max_keys = max_keys.max(1);
+        // Enough shards to spread writers over, each still big enough that per-shard eviction
+        // picks the coldest keys from a representative sample.
+        let shards = 1usize << (max_keys / MIN_KEYS_PER_SHARD).clamp(1, MAX_SHARDS).ilog2();
         LocalCounters {
-            slots: papaya::HashMap::builder()
-                .hasher(foldhash::fast::RandomState::default())
-                .build(),
-            max_keys: max_keys.max(1),
-            evicting: AtomicBool::new(false),
+            shards: (0..shards)
+                .map(|_| RwLock::new(ShardMap::default()))
+                .collect(),
+            shard_hasher: foldhash::fast::RandomState::default(),
+            shard_cap: max_keys / shards,
+            max_keys,
             expired: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
             eviction_passes: AtomicU64::new(0),
@@ -193,7 +228,7 @@ impl LocalCounters {
     /// What the map holds and has dropped so far.
     pub fn stats(&self) -> CounterStats {
         CounterStats {
-            live_keys: self.slots.len(),
+            live_keys: self.shards.iter().map(|shard| read(shard).len()).sum(),
             expired: self.expired.load(Ordering::Relaxed),
             evicted: self.evicted.load(Ordering::Relaxed),
             eviction_passes: self.eviction_passes.load(Ordering::Relaxed),
@@ -202,8 +237,7 @@ impl LocalCounters {
 
     /// The count of `key` in the window of `unit` containing `now` (0 if unknown).
     pub fn count(&self, key: &str, unit: Unit, now: UnixTime) -> u32 {
-        let slots = self.slots.pin();
-        slots
+        read(self.shard(key))
             .get(key)
             .map_or(0, |slot| slot.peek(window_tag(now, unit)))
     }
@@ -214,28 +248,27 @@ impl LocalCounters {
     /// taken back. Shadow hits, and quota hits over their limit in an admitted request, are added
     /// as they are: they are counted but never enforced.
     pub fn check(&self, batch: &[Hit], now: UnixTime) -> Vec<Decision> {
-        let slots = self.slots.pin();
         let mut decisions = Vec::with_capacity(batch.len());
         for hit in batch {
             let unit = hit.limit.unit;
             let window = window_tag(now, unit);
-            let slot = self.slot(&slots, &hit.key, unit, now);
             let limit = hit.limit.requests_per_unit;
-            let (over_limit, count) = match hit.enforcement {
-                Enforcement::Enforce | Enforcement::Quota => {
-                    match slot.try_add(window, hit.addend, limit) {
-                        Ok(count) => (false, count),
-                        Err(count) => (true, count),
+            let (over_limit, count) =
+                self.with_slot(&hit.key, unit, now, |slot| match hit.enforcement {
+                    Enforcement::Enforce | Enforcement::Quota => {
+                        match slot.try_add(window, hit.addend, limit) {
+                            Ok(count) => (false, count),
+                            Err(count) => (true, count),
+                        }
                     }
-                }
-                Enforcement::Shadow => {
-                    let count = slot.peek(window);
-                    (
-                        u64::from(count) + u64::from(hit.addend) > u64::from(limit),
-                        count,
-                    )
-                }
-            };
+                    Enforcement::Shadow => {
+                        let count = slot.peek(window);
+                        (
+                            u64::from(count) + u64::from(hit.addend) > u64::from(limit),
+                            count,
+                        )
+                    }
+                });
             decisions.push(Decision {
                 over_limit,
                 count,
@@ -254,13 +287,13 @@ impl LocalCounters {
             let reserved = hit.enforcement != Enforcement::Shadow && !decision.over_limit;
             let window = window_tag(now, hit.limit.unit);
             if admitted && !reserved {
-                decision.count = self
-                    .slot(&slots, &hit.key, hit.limit.unit, now)
-                    .add(window, hit.addend);
+                decision.count = self.with_slot(&hit.key, hit.limit.unit, now, |slot| {
+                    slot.add(window, hit.addend)
+                });
             } else if !admitted && reserved {
-                decision.count = self
-                    .slot(&slots, &hit.key, hit.limit.unit, now)
-                    .take_back(window, hit.addend);
+                decision.count = self.with_slot(&hit.key, hit.limit.unit, now, |slot| {
+                    slot.take_back(window, hit.addend)
+                });
             }
             decision.remaining = if decision.over_limit {
                 0
@@ -273,88 +306,70 @@ impl LocalCounters {
 
     /// Drops every key whose window ended before `now`. Returns how many were dropped.
     pub fn sweep(&self, now: UnixTime) -> usize {
-        let slots = self.slots.pin();
-        let before = slots.len();
-        slots.retain(|_, slot| !slot.expired(now));
-        let dropped = before.saturating_sub(slots.len());
+        let mut dropped = 0;
+        for shard in self.shards.iter() {
+            let mut map = write(shard);
+            let before = map.len();
+            map.retain(|_, slot| !slot.expired(now));
+            dropped += before - map.len();
+        }
         self.expired.fetch_add(dropped as u64, Ordering::Relaxed);
         dropped
     }
 
-    fn slot<'g>(
-        &self,
-        slots: &'g papaya::HashMapRef<
-            '_,
-            String,
-            Slot,
-            foldhash::fast::RandomState,
-            papaya::LocalGuard<'_>,
-        >,
-        key: &str,
-        unit: Unit,
-        now: UnixTime,
-    ) -> &'g Slot {
-        if let Some(slot) = slots.get(key) {
-            return slot;
-        }
-        if slots.len() >= self.max_keys {
-            self.make_room(slots, now);
-        }
-        slots.get_or_insert_with(key.to_owned(), || Slot::new(unit))
+    /// The shard that holds `key`.
+    fn shard(&self, key: &str) -> &RwLock<ShardMap> {
+        let hash = self.shard_hasher.hash_one(key);
+        // The high bits: the maps inside use the low ones.
+        let index = (hash >> 32) as usize & (self.shards.len() - 1);
+        &self.shards[index]
     }
 
-    /// Frees room for new keys: first expired windows, then, if still full, the coldest keys
-    /// (lowest count) until about `max_keys / 8` are free. One thread at a time runs it; others
-    /// insert meanwhile, so the cap can be passed by at most the number of concurrent inserts.
-    fn make_room(
-        &self,
-        slots: &papaya::HashMapRef<
-            '_,
-            String,
-            Slot,
-            foldhash::fast::RandomState,
-            papaya::LocalGuard<'_>,
-        >,
-        now: UnixTime,
-    ) {
-        if self
-            .evicting
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
+    /// Runs `op` on the slot of `key`, creating it (making room first if the shard is full).
+    fn with_slot<R>(&self, key: &str, unit: Unit, now: UnixTime, op: impl Fn(&Slot) -> R) -> R {
+        let shard = self.shard(key);
+        if let Some(slot) = read(shard).get(key) {
+            return op(slot);
+        }
+        let mut map = write(shard);
+        if !map.contains_key(key) && map.len() >= self.shard_cap {
+            self.make_room(&mut map, now);
+        }
+        op(map.entry(key.into()).or_insert_with(|| Slot::new(unit)))
+    }
+
+    /// Frees room in a full shard: first expired windows, then, if still full, its coldest keys
+    /// (lowest count in their current window) until about 1/8 of the shard is free, so the cost
+    /// of a pass is spread over many new keys.
+    fn make_room(&self, map: &mut ShardMap, now: UnixTime) {
+        let before = map.len();
+        map.retain(|_, slot| !slot.expired(now));
+        let after_sweep = map.len();
+        self.expired
+            .fetch_add((before - after_sweep) as u64, Ordering::Relaxed);
+        let target = self.shard_cap - (self.shard_cap / EVICTION_BATCH_DIVISOR).max(1);
+        if after_sweep <= target {
             return;
         }
-        let target = self.max_keys - (self.max_keys / EVICTION_BATCH_DIVISOR).max(1);
-        let before = slots.len();
-        slots.retain(|_, slot| !slot.expired(now));
-        let after_sweep = slots.len();
-        self.expired
-            .fetch_add(before.saturating_sub(after_sweep) as u64, Ordering::Relaxed);
-        if after_sweep > target {
-            let mut counts: Vec<u32> = slots
-                .iter()
-                .map(|(_, slot)| slot.peek(window_tag(now, slot.unit)))
-                .collect();
-            let excess = after_sweep - target;
-            if excess < counts.len() {
-                let (_, threshold, _) = counts.select_nth_unstable(excess - 1);
-                let threshold = *threshold;
-                // Drop keys at or below the threshold count, no more than `excess` of them.
-                let mut budget = excess;
-                slots.retain(|_, slot| {
-                    if budget > 0 && slot.peek(window_tag(now, slot.unit)) <= threshold {
-                        budget -= 1;
-                        false
-                    } else {
-                        true
-                    }
-                });
-                let evicted = (excess - budget) as u64;
-                self.evicted.fetch_add(evicted, Ordering::Relaxed);
+        let excess = after_sweep - target;
+        let mut counts: Vec<u32> = map
+            .values()
+            .map(|slot| slot.peek(window_tag(now, slot.unit)))
+            .collect();
+        let threshold = *counts.select_nth_unstable(excess - 1).1;
+        // Drop keys at or below the threshold count, no more than `excess` of them.
+        let mut budget = excess;
+        map.retain(|_, slot| {
+            if budget > 0 && slot.peek(window_tag(now, slot.unit)) <= threshold {
+                budget -= 1;
+                false
+            } else {
+                true
             }
-            self.eviction_passes.fetch_add(1, Ordering::Relaxed);
-        }
-        self.evicting.store(false, Ordering::Release);
+        });
+        self.evicted
+            .fetch_add((excess - budget) as u64, Ordering::Relaxed);
+        self.eviction_passes.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -482,6 +497,45 @@ mod tests {
             counters.check(&hot, T0)[0].over_limit,
             "hot key was evicted"
         );
+    }
+
+    /// Insert/evict churn far past the cap (the pattern that livelocked a lock-free map this
+    /// crate used before): memory and time stay bounded by the cap, and enforcement stays on.
+    #[test]
+    fn sustained_churn_past_the_cap_stays_bounded() {
+        let counters = LocalCounters::new(10_000);
+        for i in 0..300_000 {
+            let key = format!("churn-{i}");
+            let d = counters.check(&[hit(&key, 1, Unit::Hour, 1, Enforcement::Enforce)], T0);
+            assert!(!d[0].over_limit);
+        }
+        let stats = counters.stats();
+        assert!(stats.live_keys <= 10_000, "{stats:?}");
+        assert!(stats.live_keys >= 10_000 * 7 / 8 - 64, "{stats:?}");
+        assert_eq!(
+            stats.evicted as usize + stats.live_keys,
+            300_000,
+            "{stats:?}"
+        );
+        let again = [hit("churn-299999", 1, Unit::Hour, 1, Enforcement::Enforce)];
+        assert!(
+            counters.check(&again, T0)[0].over_limit,
+            "the newest key is still counted"
+        );
+    }
+
+    #[test]
+    fn shards_never_hold_more_than_max_keys_together() {
+        for max_keys in [1, 7, 4_095, 8_192, 100_000, 1_000_000, 10_000_000] {
+            let counters = LocalCounters::new(max_keys);
+            let shards = counters.shards.len();
+            assert!(shards.is_power_of_two() && shards <= MAX_SHARDS);
+            assert!(shards * counters.shard_cap <= max_keys, "{max_keys}");
+            assert!(
+                counters.shard_cap >= (max_keys / 2).min(MIN_KEYS_PER_SHARD),
+                "{max_keys}"
+            );
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! Each check takes a fresh strategy from the factory and drives it with explicit times, so window
 //! logic is exercised without sleeping. A backend's own tests call [`run_all`]:
 //!
-//! ```ignore
+//! ```text
 //! #[tokio::test]
 //! async fn conforms() {
 //!     hivemind_core::testsuite::run_all(|| async { make_strategy().await }).await;

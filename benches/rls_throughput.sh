@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# End-to-end throughput of the RLS gRPC endpoint, measured with h2load (Debian nghttp2-client):
+# a release hivemind on loopback, one descriptor per request, a limit high enough that every call
+# is admitted, 100 concurrent streams (10 connections x 10 streams), as in the reference figures
+# for other Envoy RLS servers in the README. Client and server share the machine: compare ratios
+# measured in one run, not absolute numbers across machines.
+#
+#   benches/rls_throughput.sh [--strategy NAME] [DURATION_SECONDS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+strategy=standalone
+if [ "${1:-}" = "--strategy" ]; then strategy=$2; shift 2; fi
+duration=${1:-10}
+command -v h2load >/dev/null || { echo "h2load missing: apt-get install -y nghttp2-client" >&2; exit 1; }
+
+cargo build --release --quiet
+work=$(mktemp -d)
+trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
+
+cat > "$work/rules.yaml" <<'YAML'
+domain: bench
+descriptors:
+  - key: generic_key
+    value: bench
+    rate_limit: { unit: hour, requests_per_unit: 4000000000 }
+YAML
+
+# One gRPC frame: flag 0, big-endian length, then RateLimitRequest{domain: "bench",
+# descriptors: [{entries: [{key: "generic_key", value: "bench"}]}]} in protobuf.
+python3 - "$work/body.bin" <<'PY'
+import struct, sys
+def field(n, payload):            # length-delimited field n
+    return bytes([n << 3 | 2, len(payload)]) + payload
+entry = field(1, b"generic_key") + field(2, b"bench")
+request = field(1, b"bench") + field(2, field(1, entry))
+open(sys.argv[1], "wb").write(b"\0" + struct.pack(">I", len(request)) + request)
+PY
+
+target/release/hivemind -c "$work/rules.yaml" -a 127.0.0.1:0 --admin-addr 127.0.0.1:0 \
+  --strategy "$strategy" > "$work/stdout" 2> "$work/stderr" &
+pid=$!
+for _ in $(seq 100); do grep -q 'listening' "$work/stdout" && break; sleep 0.1; done
+addr=$(grep -o 'grpc=[^ ]*' "$work/stdout" | cut -d= -f2)
+[ -n "$addr" ] || { cat "$work/stderr" >&2; exit 1; }
+
+h2load -t 1 -c 10 -m 10 -D "$duration" --warm-up-time=1 -d "$work/body.bin" \
+  -H 'content-type: application/grpc' -H 'te: trailers' --log-file="$work/run.tsv" \
+  "http://$addr/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit" \
+  | grep -E "^(finished in|requests:|status codes:)"
+sort -n -k3 "$work/run.tsv" | awk '{ l[NR] = $3 } END {
+  printf "latency p50 %.2f ms, p99 %.2f ms (%d calls)\n", l[int(NR*0.5)]/1000, l[int(NR*0.99)]/1000, NR }'
