@@ -4,7 +4,8 @@
 //! - `POST /json`: a `RateLimitRequest` in Envoy's JSON mapping, the response back (200 OK,
 //!   429 OVER_LIMIT, 400 malformed, 503 backend unavailable), as envoyproxy/ratelimit's;
 //! - `GET /rlconfig`: the rules in force, their hash and the reload status;
-//! - `GET /stats`: counters and reload figures as JSON.
+//! - `GET /stats`: counters and reload figures as JSON;
+//! - `GET /mesh`: gossip membership (live and dead peers, generations) and mesh traffic.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use hivemind_core::LocalCounters;
+use hivemind_gossip::{Gossip, PeerInfo};
 use serde_json::json;
 
 use crate::json::{parse_request, response_json};
@@ -31,6 +33,8 @@ pub struct AdminState {
     pub reload: Option<Arc<Mutex<ReloadStatus>>>,
     /// The local counters, for `/stats`.
     pub counters: Arc<LocalCounters>,
+    /// The gossip node, when the strategy is `gossip`: membership for `/healthcheck`, `/mesh`.
+    pub gossip: Option<Arc<Gossip>>,
     /// Cleared when shutdown begins, so load balancers stop sending traffic.
     pub serving: Arc<AtomicBool>,
 }
@@ -42,12 +46,22 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/json", post(json_request))
         .route("/rlconfig", get(rlconfig))
         .route("/stats", get(stats))
+        .route("/mesh", get(mesh))
         .with_state(state)
 }
 
 async fn healthcheck(State(state): State<Arc<AdminState>>) -> Response {
     if state.serving.load(Ordering::Acquire) {
-        (StatusCode::OK, "OK\n").into_response()
+        match &state.gossip {
+            // The first line stays `OK` (what envoyproxy/ratelimit answers); the peer count
+            // follows for people and probes that want it.
+            Some(gossip) => {
+                let m = gossip.membership();
+                let body = format!("OK\npeers: {} live, {} dead\n", m.live.len(), m.dead.len());
+                (StatusCode::OK, body).into_response()
+            }
+            None => (StatusCode::OK, "OK\n").into_response(),
+        }
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
     }
@@ -114,6 +128,43 @@ async fn stats(State(state): State<Arc<AdminState>>) -> Response {
         "rules": {
             "hash": state.limiter.rules().load().hash(),
             "reload": reload_status(&state),
+        },
+    }))
+    .into_response()
+}
+
+async fn mesh(State(state): State<Arc<AdminState>>) -> Response {
+    let Some(gossip) = &state.gossip else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "error": "the strategy is not gossip: there is no mesh" })),
+        )
+            .into_response();
+    };
+    let m = gossip.membership();
+    let (node_id, generation) = gossip.node();
+    let peers = |list: &[PeerInfo]| -> Vec<serde_json::Value> {
+        list.iter()
+            .map(|p| json!({ "node_id": p.node_id, "generation": p.generation, "addr": p.addr.to_string() }))
+            .collect()
+    };
+    let t = m.transport;
+    Json(json!({
+        "node_id": node_id,
+        "generation": generation,
+        "live": peers(&m.live),
+        "dead": peers(&m.dead),
+        "published_keys": m.published_keys,
+        "peer_keys": m.peer_keys,
+        "backlog": m.backlog,
+        "absorb_dropped": m.absorb_dropped,
+        "transport": {
+            "datagrams_sent": t.datagrams_sent,
+            "bytes_sent": t.bytes_sent,
+            "datagrams_received": t.datagrams_received,
+            "bytes_received": t.bytes_received,
+            "rejected_auth": t.rejected_auth,
+            "rejected_malformed": t.rejected_malformed,
         },
     }))
     .into_response()

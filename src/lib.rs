@@ -15,6 +15,7 @@ pub mod cli;
 pub mod grpc;
 pub mod json;
 pub mod limiter;
+pub mod mesh;
 pub mod proto;
 pub mod reload;
 pub mod rules;

@@ -36,7 +36,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         let listeners = Listeners::bind(&settings).await?;
         let (grpc, admin) = listeners.local_addrs().context("reading bound addresses")?;
         // One line on stdout that scripts and tests can wait for; logs go to stderr.
-        println!("listening grpc={grpc} admin={admin}");
+        match listeners.mesh_addr() {
+            Some(mesh) => println!("listening grpc={grpc} admin={admin} mesh={mesh}"),
+            None => println!("listening grpc={grpc} admin={admin}"),
+        }
         tracing::info!(%grpc, %admin, strategy = settings.strategy.as_str(), "hivemind serving");
         server::run(settings, listeners, server::shutdown_signal()).await?;
         Ok(ExitCode::SUCCESS)

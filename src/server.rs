@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hivemind_core::{Clock, LocalCounters, Standalone, SyncStrategy, SystemClock};
+use hivemind_gossip::Gossip;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -22,6 +23,7 @@ use tracing::{info, warn};
 use crate::admin::{self, AdminState};
 use crate::grpc::RateLimitGrpc;
 use crate::limiter::Limiter;
+use crate::mesh;
 use crate::proto::{RateLimitServiceServer, FILE_DESCRIPTOR_SET};
 use crate::reload;
 use crate::rules::{RuleSet, RulesError};
@@ -48,8 +50,13 @@ pub enum ServerError {
     #[error("invalid rules: {0}")]
     Rules(#[from] RulesError),
     /// The configured strategy is not available in this build.
-    #[error("strategy '{0}' is not available in this build of hivemind (available: standalone)")]
+    #[error(
+        "strategy '{0}' is not available in this build of hivemind (available: gossip, standalone)"
+    )]
     StrategyUnavailable(&'static str),
+    /// The gossip mesh could not start.
+    #[error("{0}")]
+    Mesh(String),
     /// A server failed while running.
     #[error("{what} server failed: {message}")]
     Serve {
@@ -67,6 +74,8 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// The admin HTTP endpoints.
     pub admin: TcpListener,
+    /// The gossip mesh's UDP socket (strategy `gossip` only).
+    pub mesh: Option<std::net::UdpSocket>,
 }
 
 impl Listeners {
@@ -77,15 +86,35 @@ impl Listeners {
                 .await
                 .map_err(|source| ServerError::Bind { what, addr, source })
         };
+        let mesh = match settings.strategy {
+            StrategyKind::Gossip => {
+                let addr = settings.mesh.addr;
+                let socket = std::net::UdpSocket::bind(addr)
+                    .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                    .map_err(|source| ServerError::Bind {
+                        what: "mesh",
+                        addr,
+                        source,
+                    })?;
+                Some(socket)
+            }
+            _ => None,
+        };
         Ok(Listeners {
             grpc: bind("grpc", settings.grpc.addr).await?,
             admin: bind("admin", settings.admin.addr).await?,
+            mesh,
         })
     }
 
     /// The addresses actually bound (gRPC, admin).
     pub fn local_addrs(&self) -> std::io::Result<(SocketAddr, SocketAddr)> {
         Ok((self.grpc.local_addr()?, self.admin.local_addr()?))
+    }
+
+    /// The mesh socket's address, if the strategy gossips.
+    pub fn mesh_addr(&self) -> Option<SocketAddr> {
+        self.mesh.as_ref().and_then(|s| s.local_addr().ok())
     }
 }
 
@@ -112,18 +141,50 @@ pub fn load_rules(settings: &Settings) -> Result<(RuleSet, RulesSource), RulesEr
     Ok((RuleSet::load(path)?, RulesSource::Path(path.clone())))
 }
 
-/// Builds the configured strategy over `counters`.
-pub fn build_strategy(
+/// The running strategy: the trait object the limiter calls, and the gossip node itself when
+/// there is one (for the admin endpoints).
+pub struct BuiltStrategy {
+    /// What the limiter calls.
+    pub strategy: Arc<dyn SyncStrategy>,
+    /// The gossip node, for `/healthcheck` and `/mesh`.
+    pub gossip: Option<Arc<Gossip>>,
+}
+
+/// Builds the configured strategy over `counters`; `mesh_socket` is the bound mesh socket
+/// (required for `gossip`).
+pub async fn build_strategy(
     settings: &Settings,
     counters: Arc<LocalCounters>,
     clock: Arc<dyn Clock>,
-) -> Result<Arc<dyn SyncStrategy>, ServerError> {
+    mesh_socket: Option<std::net::UdpSocket>,
+) -> Result<BuiltStrategy, ServerError> {
     match settings.strategy {
-        StrategyKind::Standalone => Ok(Arc::new(Standalone::new(
-            counters,
-            clock,
-            settings.counters.sweep_interval,
-        ))),
+        StrategyKind::Standalone => Ok(BuiltStrategy {
+            strategy: Arc::new(Standalone::new(
+                counters,
+                clock,
+                settings.counters.sweep_interval,
+            )),
+            gossip: None,
+        }),
+        StrategyKind::Gossip => {
+            let socket =
+                mesh_socket.ok_or_else(|| ServerError::Mesh("no mesh socket was bound".into()))?;
+            let bound = socket
+                .local_addr()
+                .map_err(|e| ServerError::Mesh(format!("mesh socket: {e}")))?;
+            let config = mesh::gossip_config(settings, bound)
+                .map_err(|e| ServerError::Mesh(e.to_string()))?;
+            let gossip = Arc::new(
+                Gossip::start(config, socket, counters, clock)
+                    .await
+                    .map_err(|e| ServerError::Mesh(e.to_string()))?,
+            );
+            Ok(BuiltStrategy {
+                strategy: gossip.clone(),
+                gossip: Some(gossip),
+            })
+        }
         other => Err(ServerError::StrategyUnavailable(other.as_str())),
     }
 }
@@ -152,7 +213,8 @@ pub async fn run(
         RulesSource::Embedded => None,
     };
     let counters = Arc::new(LocalCounters::new(settings.counters.max_keys));
-    let strategy = build_strategy(&settings, counters.clone(), clock.clone())?;
+    let BuiltStrategy { strategy, gossip } =
+        build_strategy(&settings, counters.clone(), clock.clone(), listeners.mesh).await?;
     let limiter = Arc::new(Limiter::new(
         store,
         strategy.clone(),
@@ -198,6 +260,7 @@ pub async fn run(
         limiter,
         reload: reloader.as_ref().map(reload::ReloadHandle::status_cell),
         counters,
+        gossip,
         serving: serving.clone(),
     });
     let admin = axum::serve(listeners.admin, admin::router(admin_state))

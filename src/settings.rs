@@ -55,9 +55,10 @@ pub struct Settings {
 #[serde(rename_all = "lowercase")]
 pub enum StrategyKind {
     /// Local counters only: exact per node.
-    #[default]
     Standalone,
-    /// Local counters shared over a chitchat gossip mesh.
+    /// Local counters shared over a chitchat gossip mesh (the default: a one-node mesh that
+    /// others can join).
+    #[default]
     Gossip,
     /// Counters in Redis: exact across nodes.
     Redis,
@@ -185,9 +186,32 @@ pub struct MeshSettings {
     pub node_id: Option<String>,
     /// UDP address the mesh binds (`--mesh-addr`).
     pub addr: SocketAddr,
+    /// The address peers reach this node at; when absent, the bound address, or for an
+    /// unspecified bind (0.0.0.0) the local address that routes to the first seed.
+    pub advertise_addr: Option<SocketAddr>,
     /// Seed peers `host:port` to join through (`--peers`, comma-separated in flags and env).
     #[serde(deserialize_with = "comma_separated")]
     pub peers: Vec<String>,
+    /// Nodes with another cluster id are ignored.
+    pub cluster_id: String,
+    /// Chitchat's gossip round interval.
+    #[serde(with = "humantime_serde")]
+    pub gossip_interval: Duration,
+    /// How long a dead node's state is kept before it is forgotten.
+    #[serde(with = "humantime_serde")]
+    pub dead_node_grace_period: Duration,
+    /// A shared secret authenticating every mesh datagram (HMAC-SHA256); redacted in output.
+    #[serde(serialize_with = "redacted")]
+    pub secret: Option<String>,
+    /// The most counter keys published per gossip interval; beyond it, keys nearest their
+    /// limits go first.
+    pub max_keys_per_round: usize,
+    /// Extrapolate peers' counts by their observed rates and the age of their last update.
+    pub extrapolate: bool,
+    /// Near a limit, admit only this node's share of the remainder by observed demand.
+    pub fair_share: bool,
+    /// Publish a key out of turn when it crosses this fraction of its limit (0 = off).
+    pub early_publish_fraction: f64,
 }
 
 impl Default for MeshSettings {
@@ -195,8 +219,25 @@ impl Default for MeshSettings {
         MeshSettings {
             node_id: None,
             addr: SocketAddr::from(([0, 0, 0, 0], 7946)),
+            advertise_addr: None,
             peers: Vec::new(),
+            cluster_id: "hivemind".into(),
+            gossip_interval: Duration::from_millis(100),
+            dead_node_grace_period: Duration::from_secs(3600),
+            secret: None,
+            max_keys_per_round: 3_000,
+            extrapolate: true,
+            fair_share: true,
+            early_publish_fraction: 0.8,
         }
+    }
+}
+
+/// Serializes a secret as `<redacted>` (or null when unset), so dumps never show it.
+fn redacted<S: serde::Serializer>(secret: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(_) => s.serialize_str("<redacted>"),
+        None => s.serialize_none(),
     }
 }
 

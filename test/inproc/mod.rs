@@ -31,7 +31,8 @@ pub struct InProc {
 }
 
 impl InProc {
-    /// Starts a standalone server with `rules_yaml` as its rules file; `tweak` adjusts settings.
+    /// Starts a server with `rules_yaml` as its rules file; `tweak` adjusts settings. The
+    /// strategy is standalone unless `tweak` says otherwise; a mesh binds 127.0.0.1:0.
     pub async fn start(rules_yaml: &str, tweak: impl FnOnce(&mut Settings)) -> InProc {
         let dir = tempfile::tempdir().expect("tempdir");
         let rules_path = dir.path().join("ratelimit.yaml");
@@ -40,6 +41,8 @@ impl InProc {
         settings.grpc.addr = "127.0.0.1:0".parse().unwrap();
         settings.admin.addr = "127.0.0.1:0".parse().unwrap();
         settings.rules.path = rules_path.clone();
+        settings.strategy = hivemind::settings::StrategyKind::Standalone;
+        settings.mesh.addr = "127.0.0.1:0".parse().unwrap();
         tweak(&mut settings);
         let listeners = Listeners::bind(&settings).await.expect("bind listeners");
         let (grpc_addr, admin_addr) = listeners.local_addrs().expect("local addrs");

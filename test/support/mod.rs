@@ -37,6 +37,8 @@ pub struct Server {
     child: Child,
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The gossip mesh's UDP address (`mesh=` on the listening line), if the strategy gossips.
+    pub mesh_addr: Option<SocketAddr>,
     stderr: Arc<Mutex<Vec<u8>>>,
     /// Holds files written for this server (rules) alive as long as it runs.
     _dir: Option<tempfile::TempDir>,
@@ -102,7 +104,7 @@ impl Server {
         }
 
         let deadline = Instant::now() + STARTUP_TIMEOUT;
-        let (mut grpc, mut admin) = (None, None);
+        let (mut grpc, mut admin, mut mesh) = (None, None, None);
         let mut stdout_seen = String::new();
         let failure = loop {
             if grpc.is_some() && admin.is_some() {
@@ -121,6 +123,8 @@ impl Server {
                             grpc = grpc.or(a.parse::<SocketAddr>().ok());
                         } else if let Some(a) = token.strip_prefix("admin=") {
                             admin = admin.or(a.parse::<SocketAddr>().ok());
+                        } else if let Some(a) = token.strip_prefix("mesh=") {
+                            mesh = mesh.or(a.parse::<SocketAddr>().ok());
                         }
                     }
                 }
@@ -151,6 +155,7 @@ impl Server {
             child,
             grpc_addr: grpc.unwrap(),
             admin_addr: admin.unwrap(),
+            mesh_addr: mesh,
             stderr,
             _dir: dir,
         }

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::hit::{request_admitted, Decision, Enforcement, Hit};
@@ -50,6 +50,24 @@ struct Slot {
     /// The unit of the limit that created the slot: the counter key includes the unit, so it is
     /// fixed for the slot's life and tells a sweep when the slot's window has ended.
     unit: Unit,
+    /// The limit the last hit carried: lets a strategy that shares counts (gossip) rank keys by
+    /// how close they are to their limit. Written only when it changes (a rules reload).
+    limit: AtomicU32,
+}
+
+/// One live counter as [`LocalCounters::for_each_live`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CounterSnapshot<'k> {
+    /// The counter key.
+    pub key: &'k str,
+    /// Its unit (fixed for the key).
+    pub unit: Unit,
+    /// The low 32 bits of the window index the count belongs to.
+    pub window: u32,
+    /// This node's count in that window.
+    pub count: u32,
+    /// The limit of the last hit on the key.
+    pub limit: u32,
 }
 
 const fn pack(window: u32, count: u32) -> u64 {
@@ -60,16 +78,25 @@ const fn unpack(state: u64) -> (u32, u32) {
     ((state >> 32) as u32, state as u32)
 }
 
-/// The 32 bits of a window index kept in a slot. Second windows pass 2^32 in the year 2106.
-fn window_tag(now: UnixTime, unit: Unit) -> u32 {
+/// The 32 bits of a window index kept in a slot and shared between nodes. Second windows pass
+/// 2^32 in the year 2106.
+pub fn window_tag(now: UnixTime, unit: Unit) -> u32 {
     Window::containing(now, unit).index as u32
 }
 
 impl Slot {
-    fn new(unit: Unit) -> Self {
+    fn new(unit: Unit, limit: u32) -> Self {
         Slot {
             state: AtomicU64::new(0),
             unit,
+            limit: AtomicU32::new(limit),
+        }
+    }
+
+    /// Records the limit of a hit, writing only when it changed (no shared-line write per hit).
+    fn note_limit(&self, limit: u32) {
+        if self.limit.load(Ordering::Relaxed) != limit {
+            self.limit.store(limit, Ordering::Relaxed);
         }
     }
 
@@ -248,15 +275,34 @@ impl LocalCounters {
     /// taken back. Shadow hits, and quota hits over their limit in an admitted request, are added
     /// as they are: they are counted but never enforced.
     pub fn check(&self, batch: &[Hit], now: UnixTime) -> Vec<Decision> {
+        self.check_with_offsets(batch, &[], now)
+    }
+
+    /// [`check`](Self::check) with counts known from elsewhere: `offsets[i]` hits of the same key
+    /// and window that other nodes made (missing entries are 0). A hit is admitted only if
+    /// `offset + own count + addend` stays within its limit, and each decision's `count` and
+    /// `remaining` include the offset. Only this node's own count is stored.
+    pub fn check_with_offsets(
+        &self,
+        batch: &[Hit],
+        offsets: &[u32],
+        now: UnixTime,
+    ) -> Vec<Decision> {
+        let offset_of = |i: usize| offsets.get(i).copied().unwrap_or(0);
         let mut decisions = Vec::with_capacity(batch.len());
-        for hit in batch {
+        for (i, hit) in batch.iter().enumerate() {
             let unit = hit.limit.unit;
             let window = window_tag(now, unit);
             let limit = hit.limit.requests_per_unit;
-            let (over_limit, count) =
-                self.with_slot(&hit.key, unit, now, |slot| match hit.enforcement {
+            let offset = offset_of(i);
+            let (over_limit, count) = self.with_slot(hit, now, |slot| {
+                slot.note_limit(limit);
+                match hit.enforcement {
+                    Enforcement::Enforce | Enforcement::Quota if offset > limit => {
+                        (true, slot.peek(window))
+                    }
                     Enforcement::Enforce | Enforcement::Quota => {
-                        match slot.try_add(window, hit.addend, limit) {
+                        match slot.try_add(window, hit.addend, limit - offset) {
                             Ok(count) => (false, count),
                             Err(count) => (true, count),
                         }
@@ -264,11 +310,13 @@ impl LocalCounters {
                     Enforcement::Shadow => {
                         let count = slot.peek(window);
                         (
-                            u64::from(count) + u64::from(hit.addend) > u64::from(limit),
+                            u64::from(offset) + u64::from(count) + u64::from(hit.addend)
+                                > u64::from(limit),
                             count,
                         )
                     }
-                });
+                }
+            });
             decisions.push(Decision {
                 over_limit,
                 count,
@@ -283,18 +331,16 @@ impl LocalCounters {
                 .zip(&decisions)
                 .map(|(hit, decision)| (hit.enforcement, decision.over_limit)),
         );
-        for (hit, decision) in batch.iter().zip(decisions.iter_mut()) {
+        for (i, (hit, decision)) in batch.iter().zip(decisions.iter_mut()).enumerate() {
             let reserved = hit.enforcement != Enforcement::Shadow && !decision.over_limit;
             let window = window_tag(now, hit.limit.unit);
             if admitted && !reserved {
-                decision.count = self.with_slot(&hit.key, hit.limit.unit, now, |slot| {
-                    slot.add(window, hit.addend)
-                });
+                decision.count = self.with_slot(hit, now, |slot| slot.add(window, hit.addend));
             } else if !admitted && reserved {
-                decision.count = self.with_slot(&hit.key, hit.limit.unit, now, |slot| {
-                    slot.take_back(window, hit.addend)
-                });
+                decision.count =
+                    self.with_slot(hit, now, |slot| slot.take_back(window, hit.addend));
             }
+            decision.count = decision.count.saturating_add(offset_of(i));
             decision.remaining = if decision.over_limit {
                 0
             } else {
@@ -302,6 +348,26 @@ impl LocalCounters {
             };
         }
         decisions
+    }
+
+    /// Calls `f` with every key whose count is in the current window of its unit and above zero,
+    /// one shard at a time (a shard is read-locked while its keys are reported, so keep `f` short).
+    pub fn for_each_live(&self, now: UnixTime, mut f: impl FnMut(CounterSnapshot<'_>)) {
+        for shard in self.shards.iter() {
+            for (key, slot) in read(shard).iter() {
+                let window = window_tag(now, slot.unit);
+                let (stored, count) = unpack(slot.state.load(Ordering::Acquire));
+                if stored >= window && count > 0 {
+                    f(CounterSnapshot {
+                        key,
+                        unit: slot.unit,
+                        window: stored,
+                        count,
+                        limit: slot.limit.load(Ordering::Relaxed),
+                    });
+                }
+            }
+        }
     }
 
     /// Drops every key whose window ended before `now`. Returns how many were dropped.
@@ -325,8 +391,9 @@ impl LocalCounters {
         &self.shards[index]
     }
 
-    /// Runs `op` on the slot of `key`, creating it (making room first if the shard is full).
-    fn with_slot<R>(&self, key: &str, unit: Unit, now: UnixTime, op: impl Fn(&Slot) -> R) -> R {
+    /// Runs `op` on the slot of the hit's key, creating it (making room first if the shard is full).
+    fn with_slot<R>(&self, hit: &Hit, now: UnixTime, op: impl Fn(&Slot) -> R) -> R {
+        let key = hit.key.as_str();
         let shard = self.shard(key);
         if let Some(slot) = read(shard).get(key) {
             return op(slot);
@@ -335,7 +402,9 @@ impl LocalCounters {
         if !map.contains_key(key) && map.len() >= self.shard_cap {
             self.make_room(&mut map, now);
         }
-        op(map.entry(key.into()).or_insert_with(|| Slot::new(unit)))
+        op(map
+            .entry(key.into())
+            .or_insert_with(|| Slot::new(hit.limit.unit, hit.limit.requests_per_unit)))
     }
 
     /// Frees room in a full shard: first expired windows, then, if still full, its coldest keys
@@ -536,6 +605,41 @@ mod tests {
                 "{max_keys}"
             );
         }
+    }
+
+    #[test]
+    fn offsets_count_against_the_limit_but_are_not_stored() {
+        let counters = LocalCounters::new(100);
+        let h = [hit("k", 10, Unit::Minute, 1, Enforcement::Enforce)];
+        let d = counters.check_with_offsets(&h, &[7], T0)[0];
+        assert_eq!((d.over_limit, d.count, d.remaining), (false, 8, 2));
+        counters.check_with_offsets(&h, &[7], T0);
+        counters.check_with_offsets(&h, &[7], T0);
+        let d = counters.check_with_offsets(&h, &[7], T0)[0];
+        assert_eq!((d.over_limit, d.count, d.remaining), (true, 10, 0));
+        assert_eq!(counters.count("k", Unit::Minute, T0), 3);
+        // Peers already past the limit: over, nothing counted.
+        let d = counters.check_with_offsets(&h, &[u32::MAX], T0)[0];
+        assert!(d.over_limit);
+        assert_eq!(counters.count("k", Unit::Minute, T0), 3);
+        // Shadow hits see the offset too.
+        let s = [hit("s", 5, Unit::Minute, 1, Enforcement::Shadow)];
+        assert!(counters.check_with_offsets(&s, &[5], T0)[0].over_limit);
+        assert_eq!(counters.count("s", Unit::Minute, T0), 1);
+    }
+
+    #[test]
+    fn for_each_live_reports_current_nonzero_counts_with_their_limit() {
+        let counters = LocalCounters::new(100);
+        counters.check(&[hit("a", 10, Unit::Minute, 2, Enforcement::Enforce)], T0);
+        counters.check(&[hit("b", 3, Unit::Second, 1, Enforcement::Enforce)], T0);
+        counters.check(&[hit("z", 0, Unit::Minute, 1, Enforcement::Enforce)], T0);
+        let later = T0.plus(std::time::Duration::from_secs(1));
+        let mut seen = Vec::new();
+        counters.for_each_live(later, |c| {
+            seen.push((c.key.to_owned(), c.unit, c.count, c.limit))
+        });
+        assert_eq!(seen, [("a".to_owned(), Unit::Minute, 2, 10)]);
     }
 
     #[test]

@@ -1,0 +1,530 @@
+//! The running gossip node: chitchat over [`MeshTransport`], the publisher task that writes this
+//! node's counts, the absorber task that folds peers' counts into the [`PeerView`], membership
+//! tracking, and the [`SyncStrategy`] the rate limit service calls.
+//!
+//! The request path touches only the local counters and the peer view; chitchat's mutex is taken
+//! by the background tasks alone (once per publish round, once per membership poll).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
+use hivemind_core::{
+    window_tag, Clock, Decision, Hit, LocalCounters, StrategyError, SyncStrategy, UnixTime,
+};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::admission::Admission;
+use crate::publish::Publisher;
+use crate::transport::{LinkControl, MeshSecret, MeshTransport, TransportCounts, TransportStats};
+use crate::view::{PeerTracker, PeerView};
+use crate::wire::{decode_entry_key, key_hash, millis_tag, CountEntry, COUNTER_PREFIX};
+
+/// Peer publications queued between chitchat's callback and the absorber; beyond it they are
+/// dropped (and counted): the next publication of the same key supersedes them anyway.
+const ABSORB_QUEUE: usize = 65_536;
+
+/// How often membership is polled for join/leave logs and the admin view.
+const MEMBERSHIP_POLL: Duration = Duration::from_millis(500);
+
+/// Everything a gossip node needs to run.
+#[derive(Debug, Clone)]
+pub struct GossipConfig {
+    /// This node's id, unique in the cluster.
+    pub node_id: String,
+    /// Increases on every start (peers ignore updates from an older generation): start time in
+    /// milliseconds.
+    pub generation: u64,
+    /// Nodes of another cluster id are ignored.
+    pub cluster_id: String,
+    /// The address peers reach this node's mesh socket at.
+    pub advertise_addr: SocketAddr,
+    /// Seed peers `host:port` (DNS names are re-resolved by chitchat).
+    pub seeds: Vec<String>,
+    /// Chitchat's gossip round interval.
+    pub gossip_interval: Duration,
+    /// How long a dead node's state is kept before chitchat forgets it.
+    pub dead_node_grace_period: Duration,
+    /// When set, every datagram is authenticated with it.
+    pub secret: Option<MeshSecret>,
+    /// The most counter keys published per gossip interval (chitchat carries ~2,500–4,000
+    /// changed keys per round between two nodes).
+    pub max_keys_per_round: usize,
+    /// The overshoot-reduction mechanisms in use.
+    pub admission: Admission,
+    /// Publish out of turn when a key's global count crosses this fraction of its limit
+    /// (0 turns it off).
+    pub early_publish_fraction: f64,
+    /// How often local counters drop ended windows.
+    pub sweep_interval: Duration,
+}
+
+/// Why the mesh could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GossipError {
+    /// The mesh socket or chitchat failed to start.
+    #[error("gossip mesh did not start: {0}")]
+    Start(String),
+}
+
+/// One peer as the admin endpoint shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// Its node id.
+    pub node_id: String,
+    /// Its generation (start time in ms).
+    pub generation: u64,
+    /// Its mesh address.
+    pub addr: SocketAddr,
+}
+
+/// Membership and traffic of this node's mesh, for `/healthcheck` and the admin endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Membership {
+    /// Live peers (this node excluded).
+    pub live: Vec<PeerInfo>,
+    /// Peers the failure detector considers dead (kept until the grace period ends).
+    pub dead: Vec<PeerInfo>,
+    /// Counter keys this node has published (and not deleted).
+    pub published_keys: usize,
+    /// Counter keys known from peers.
+    pub peer_keys: usize,
+    /// Changed keys waiting for a later round (over the per-round budget).
+    pub backlog: usize,
+    /// Peer publications dropped because the absorber fell behind.
+    pub absorb_dropped: u64,
+    /// Datagram counts of the mesh socket.
+    pub transport: TransportCounts,
+}
+
+/// State shared between the strategy and its tasks.
+struct Shared {
+    /// This node's counts (the only ones it writes).
+    counters: Arc<LocalCounters>,
+    /// Peers' counts.
+    view: PeerView,
+    /// Which overshoot-reduction mechanisms are on.
+    admission: Admission,
+    /// Fraction of a limit at which a key is published out of turn (0 = off).
+    early_publish_fraction: f64,
+    /// Wakes the publisher out of turn.
+    publish_now: Notify,
+    /// Latest membership, refreshed by the membership task.
+    membership: Mutex<Membership>,
+    /// Published keys / backlog of the last round (written by the publisher).
+    published_keys: AtomicU64,
+    backlog: AtomicU64,
+    /// Peer keys tracked (written by the absorber).
+    peer_keys: AtomicU64,
+    /// Publications dropped on a full absorber queue.
+    absorb_dropped: AtomicU64,
+    /// Datagram counters of the mesh socket.
+    transport: Arc<TransportStats>,
+}
+
+/// The `gossip` strategy. Dropping it (or [`SyncStrategy::shutdown`]) stops the node.
+pub struct Gossip {
+    /// State the tasks share.
+    shared: Arc<Shared>,
+    /// Chitchat; dropping the handle stops gossiping.
+    chitchat: Mutex<Option<ChitchatHandle>>,
+    /// Publisher, absorber and membership tasks, aborted on shutdown.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Cuts links to chosen peers (tests of partitions).
+    links: LinkControl,
+    /// This node's chitchat id.
+    id: ChitchatId,
+}
+
+impl Gossip {
+    /// Starts a node on `socket` (already bound: the address the server reports), with local
+    /// `counters` and `clock`. Must run inside a tokio runtime.
+    pub async fn start(
+        config: GossipConfig,
+        socket: std::net::UdpSocket,
+        counters: Arc<LocalCounters>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Gossip, GossipError> {
+        let listen_addr = socket
+            .local_addr()
+            .map_err(|e| GossipError::Start(format!("mesh socket: {e}")))?;
+        let transport = MeshTransport::new(socket, config.secret.clone());
+        let links = transport.links();
+        let id = ChitchatId::new(
+            config.node_id.clone(),
+            config.generation,
+            config.advertise_addr,
+        );
+        let interval = config.gossip_interval.max(Duration::from_millis(10));
+        let chitchat_config = ChitchatConfig {
+            chitchat_id: id.clone(),
+            cluster_id: config.cluster_id.clone(),
+            gossip_interval: interval,
+            listen_addr,
+            seed_nodes: config.seeds.clone(),
+            failure_detector_config: FailureDetectorConfig {
+                // Tuned to the interval so a dead node is noticed in ~2 s, not tens of seconds.
+                initial_interval: interval,
+                max_interval: interval * 20,
+                phi_threshold: 8.0,
+                sampling_window_size: 1_000,
+                dead_node_grace_period: config.dead_node_grace_period,
+            },
+            marked_for_deletion_grace_period: (interval * 50).max(Duration::from_secs(5)),
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            protocol_version: chitchat::ProtocolVersion::V0,
+        };
+        let handle = spawn_chitchat(chitchat_config, Vec::new(), &transport)
+            .await
+            .map_err(|e| GossipError::Start(format!("{e:#}")))?;
+
+        let shared = Arc::new(Shared {
+            counters,
+            view: PeerView::default(),
+            admission: config.admission,
+            early_publish_fraction: config.early_publish_fraction,
+            publish_now: Notify::new(),
+            membership: Mutex::new(Membership::default()),
+            published_keys: AtomicU64::new(0),
+            backlog: AtomicU64::new(0),
+            peer_keys: AtomicU64::new(0),
+            absorb_dropped: AtomicU64::new(0),
+            transport: transport.stats(),
+        });
+
+        // Peers' publications: chitchat calls this under its lock, so it only parses and queues.
+        let (tx, rx) = mpsc::channel::<(ChitchatId, u64, CountEntry)>(ABSORB_QUEUE);
+        let self_id = id.clone();
+        let dropped = shared.clone();
+        let listener = handle
+            .with_chitchat(move |chitchat| {
+                let tx = tx.clone();
+                let self_id = self_id.clone();
+                let dropped = dropped.clone();
+                chitchat.subscribe_event(COUNTER_PREFIX, move |event| {
+                    if *event.node == self_id {
+                        return;
+                    }
+                    let full_key = format!("{COUNTER_PREFIX}{}", event.key);
+                    let (Some(hash), Some(entry)) =
+                        (decode_entry_key(&full_key), CountEntry::decode(event.value))
+                    else {
+                        return;
+                    };
+                    if tx.try_send((event.node.clone(), hash, entry)).is_err() {
+                        dropped.absorb_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .await;
+
+        let publish_every = interval / 4;
+        let budget = (config.max_keys_per_round / 4).max(1);
+        let stale_after = (interval * 5).as_millis() as u32;
+        let tasks = vec![
+            tokio::spawn(absorb(
+                shared.clone(),
+                rx,
+                clock.clone(),
+                listener,
+                stale_after,
+            )),
+            tokio::spawn(publish(
+                shared.clone(),
+                handle.chitchat(),
+                clock.clone(),
+                publish_every,
+                budget,
+            )),
+            tokio::spawn(watch_membership(
+                shared.clone(),
+                handle.chitchat(),
+                id.clone(),
+            )),
+            tokio::spawn(sweep(shared.clone(), clock, config.sweep_interval)),
+        ];
+        info!(
+            node_id = %config.node_id,
+            generation = config.generation,
+            listen = %listen_addr,
+            advertise = %config.advertise_addr,
+            seeds = ?config.seeds,
+            authenticated = config.secret.is_some(),
+            "gossip mesh started"
+        );
+        Ok(Gossip {
+            shared,
+            chitchat: Mutex::new(Some(handle)),
+            tasks: Mutex::new(tasks),
+            links,
+            id,
+        })
+    }
+
+    /// The latest membership and traffic figures.
+    pub fn membership(&self) -> Membership {
+        let mut m = self
+            .shared
+            .membership
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        m.published_keys = self.shared.published_keys.load(Ordering::Relaxed) as usize;
+        m.backlog = self.shared.backlog.load(Ordering::Relaxed) as usize;
+        m.peer_keys = self.shared.peer_keys.load(Ordering::Relaxed) as usize;
+        m.absorb_dropped = self.shared.absorb_dropped.load(Ordering::Relaxed);
+        m.transport = self.shared.transport.snapshot();
+        m
+    }
+
+    /// This node's id and generation.
+    pub fn node(&self) -> (String, u64) {
+        (self.id.node_id.to_string(), self.id.generation_id)
+    }
+
+    /// Link control of the mesh socket (tests cut links to simulate partitions).
+    pub fn links(&self) -> &LinkControl {
+        &self.links
+    }
+
+    /// The peers' count estimate for a counter key (tests and diagnostics).
+    pub fn peer_count(&self, counter_key: &str, unit: hivemind_core::Unit, now: UnixTime) -> u32 {
+        self.shared
+            .view
+            .estimate(
+                key_hash(counter_key),
+                window_tag(now, unit),
+                millis_tag(now),
+                0,
+            )
+            .published
+    }
+}
+
+impl Drop for Gossip {
+    fn drop(&mut self) {
+        for task in self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+        {
+            task.abort();
+        }
+    }
+}
+
+#[async_trait]
+impl SyncStrategy for Gossip {
+    async fn check(&self, batch: &[Hit], now: UnixTime) -> Result<Vec<Decision>, StrategyError> {
+        let shared = &self.shared;
+        let now_millis = millis_tag(now);
+        let horizon = shared.admission.read_horizon();
+        // Per hit: (what admission counts against the limit, the peers' estimate to report).
+        let offsets: Vec<(u32, u32)> = batch
+            .iter()
+            .map(|hit| {
+                let unit = hit.limit.unit;
+                let peers = shared.view.estimate(
+                    key_hash(&hit.key),
+                    window_tag(now, unit),
+                    now_millis,
+                    horizon,
+                );
+                let own = if shared.admission.needs_own_count(&peers) {
+                    shared.counters.count(&hit.key, unit, now)
+                } else {
+                    0
+                };
+                let admission = shared
+                    .admission
+                    .offset(&peers, own, hit.limit.requests_per_unit);
+                (admission, shared.admission.counted(&peers))
+            })
+            .collect();
+        let admission: Vec<u32> = offsets.iter().map(|(a, _)| *a).collect();
+        let mut decisions = shared.counters.check_with_offsets(batch, &admission, now);
+        // Report own + peers' estimate: the fair-share reserve decides, but is not a count.
+        for ((hit, decision), (admission, counted)) in batch.iter().zip(&mut decisions).zip(offsets)
+        {
+            decision.count = decision
+                .count
+                .saturating_sub(admission)
+                .saturating_add(counted);
+            if !decision.over_limit {
+                decision.remaining = hit.limit.requests_per_unit.saturating_sub(decision.count);
+            }
+        }
+        if shared.early_publish_fraction > 0.0 {
+            let crossed = batch.iter().zip(&decisions).any(|(hit, d)| {
+                let mark = f64::from(hit.limit.requests_per_unit) * shared.early_publish_fraction;
+                let after = f64::from(d.count);
+                !d.over_limit && after >= mark && after - f64::from(hit.addend) < mark
+            });
+            if crossed {
+                shared.publish_now.notify_one();
+            }
+        }
+        Ok(decisions)
+    }
+
+    async fn shutdown(&self) {
+        let tasks: Vec<_> = self
+            .tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+            .collect();
+        for task in tasks {
+            task.abort();
+        }
+        let handle = self
+            .chitchat
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            if let Err(e) = handle.shutdown().await {
+                debug!(error = %e, "chitchat shutdown");
+            }
+        }
+        info!("gossip mesh stopped");
+    }
+
+    fn name(&self) -> &'static str {
+        "gossip"
+    }
+}
+
+/// Folds peers' publications into the view; drops ended windows and stale rates every tick.
+async fn absorb(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<(ChitchatId, u64, CountEntry)>,
+    clock: Arc<dyn Clock>,
+    // Keeps the chitchat subscription alive as long as this task runs.
+    _listener: chitchat::ListenerHandle,
+    stale_after_millis: u32,
+) {
+    let mut tracker = PeerTracker::new(stale_after_millis);
+    let mut nodes: BTreeMap<ChitchatId, u32> = BTreeMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            received = rx.recv() => {
+                let Some((node, hash, entry)) = received else { return };
+                let index = match nodes.get(&node) {
+                    Some(index) => *index,
+                    None => {
+                        let index = tracker
+                            .node_index(&format!("{}/{}", node.node_id, node.generation_id));
+                        nodes.insert(node, index);
+                        index
+                    }
+                };
+                tracker.apply(&shared.view, index, hash, entry, clock.now());
+            }
+            _ = tick.tick() => {
+                tracker.tick(&shared.view, clock.now());
+                shared.peer_keys.store(tracker.keys() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Writes this node's changed counts into its chitchat state, every `every` or out of turn.
+async fn publish(
+    shared: Arc<Shared>,
+    chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
+    clock: Arc<dyn Clock>,
+    every: Duration,
+    budget: usize,
+) {
+    let mut publisher = Publisher::new();
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(5)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shared.publish_now.notified() => {}
+        }
+        let round = publisher.round(&shared.counters, &shared.view, clock.now(), budget);
+        shared
+            .published_keys
+            .store(publisher.tracked() as u64, Ordering::Relaxed);
+        shared
+            .backlog
+            .store(round.backlog as u64, Ordering::Relaxed);
+        if round.sets.is_empty() && round.deletes.is_empty() {
+            continue;
+        }
+        let mut chitchat = chitchat.lock().await;
+        let state = chitchat.self_node_state();
+        for (key, value) in round.sets {
+            state.set(key, value);
+        }
+        for key in &round.deletes {
+            state.delete(key);
+        }
+    }
+}
+
+/// Polls membership: logs joins and leaves, keeps the admin view current.
+async fn watch_membership(
+    shared: Arc<Shared>,
+    chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
+    self_id: ChitchatId,
+) {
+    let info = |id: &ChitchatId| PeerInfo {
+        node_id: id.node_id.to_string(),
+        generation: id.generation_id,
+        addr: id.gossip_advertise_addr,
+    };
+    let mut tick = tokio::time::interval(MEMBERSHIP_POLL);
+    let mut known_live: Vec<PeerInfo> = Vec::new();
+    loop {
+        tick.tick().await;
+        let (live, dead) = {
+            let chitchat = chitchat.lock().await;
+            let live: Vec<PeerInfo> = chitchat
+                .live_nodes()
+                .filter(|id| **id != self_id)
+                .map(info)
+                .collect();
+            let dead: Vec<PeerInfo> = chitchat.dead_nodes().map(info).collect();
+            (live, dead)
+        };
+        for peer in live.iter().filter(|p| !known_live.contains(p)) {
+            info!(peer = %peer.node_id, generation = peer.generation, addr = %peer.addr, peers = live.len(), "peer joined");
+        }
+        for peer in known_live.iter().filter(|p| !live.contains(p)) {
+            warn!(peer = %peer.node_id, generation = peer.generation, addr = %peer.addr, peers = live.len(), "peer left");
+        }
+        known_live.clone_from(&live);
+        let mut membership = shared
+            .membership
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        membership.live = live;
+        membership.dead = dead;
+    }
+}
+
+/// Drops ended windows from the local counters.
+async fn sweep(shared: Arc<Shared>, clock: Arc<dyn Clock>, every: Duration) {
+    let every = every.max(Duration::from_millis(10));
+    // The first sweep one period after start, not at once (as the standalone sweeper).
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        shared.counters.sweep(clock.now());
+    }
+}

@@ -1,0 +1,193 @@
+//! How a node's counts look in its chitchat state: one compact key-value per counter key.
+//!
+//! Key: `c:` + 16 hex digits of a stable 64-bit hash of the counter key (counter keys can be
+//! kilobytes long; a key-value must stay far below chitchat's 65,507-byte datagram). Value:
+//! `{unit}{window}:{count}:{millis}`: the unit letter, the 32-bit window tag, this node's own
+//! count in that window, and the wall-clock milliseconds (mod 2^32) when the count was read,
+//! which lets readers estimate rates and extrapolate. Example: `s28333334:17:3641220123`.
+//!
+//! The value is overwritten in place when the count or the window changes, so each counter key
+//! costs one entry per node, whatever the number of windows.
+
+use hivemind_core::Unit;
+
+/// The prefix of every counter entry in a node's chitchat state.
+pub const COUNTER_PREFIX: &str = "c:";
+
+/// A stable 64-bit hash of a counter key (FNV-1a): identical on every node, version and
+/// platform, so nodes agree on which entry holds a key without sending the key itself.
+pub fn key_hash(counter_key: &str) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    counter_key.bytes().fold(OFFSET, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(PRIME)
+    })
+}
+
+/// The chitchat key holding the counter whose key hashes to `hash`.
+pub fn entry_key(hash: u64) -> String {
+    format!("{COUNTER_PREFIX}{hash:016x}")
+}
+
+/// One node's published count for one counter key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CountEntry {
+    /// The unit of the counter's limit (tells readers when the window ends).
+    pub unit: Unit,
+    /// The window tag the count belongs to ([`hivemind_core::window_tag`]).
+    pub window: u32,
+    /// The publishing node's own count in that window.
+    pub count: u32,
+    /// Wall-clock milliseconds since the epoch, mod 2^32, when the count was read.
+    pub at_millis: u32,
+}
+
+impl CountEntry {
+    /// The chitchat value for this entry.
+    pub fn encode(&self) -> String {
+        format!(
+            "{}{}:{}:{}",
+            unit_letter(self.unit),
+            self.window,
+            self.count,
+            self.at_millis
+        )
+    }
+
+    /// Parses a chitchat value; `None` for anything malformed (a peer of another version, or
+    /// garbage), which readers ignore.
+    pub fn decode(value: &str) -> Option<CountEntry> {
+        let mut chars = value.chars();
+        let unit = letter_unit(chars.next()?)?;
+        let mut fields = chars.as_str().split(':');
+        let window = fields.next()?.parse().ok()?;
+        let count = fields.next()?.parse().ok()?;
+        let at_millis = fields.next()?.parse().ok()?;
+        if fields.next().is_some() {
+            return None;
+        }
+        Some(CountEntry {
+            unit,
+            window,
+            count,
+            at_millis,
+        })
+    }
+}
+
+/// Parses a chitchat key of a counter entry into its hash.
+pub fn decode_entry_key(key: &str) -> Option<u64> {
+    let hex = key.strip_prefix(COUNTER_PREFIX)?;
+    if hex.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
+}
+
+fn unit_letter(unit: Unit) -> char {
+    match unit {
+        Unit::Second => 's',
+        Unit::Minute => 'm',
+        Unit::Hour => 'h',
+        Unit::Day => 'd',
+        Unit::Week => 'w',
+        Unit::Month => 'M',
+        Unit::Year => 'y',
+    }
+}
+
+fn letter_unit(letter: char) -> Option<Unit> {
+    Some(match letter {
+        's' => Unit::Second,
+        'm' => Unit::Minute,
+        'h' => Unit::Hour,
+        'd' => Unit::Day,
+        'w' => Unit::Week,
+        'M' => Unit::Month,
+        'y' => Unit::Year,
+        _ => return None,
+    })
+}
+
+/// Wall-clock milliseconds mod 2^32, the timestamp format of [`CountEntry::at_millis`].
+pub fn millis_tag(now: hivemind_core::UnixTime) -> u32 {
+    now.since_epoch().as_millis() as u32
+}
+
+/// Milliseconds from `earlier` to `later` (both [`millis_tag`]s), or 0 if `earlier` is in the
+/// future (clock skew between nodes). Valid for gaps below ~24 days.
+pub fn millis_since(earlier: u32, later: u32) -> u32 {
+    let gap = later.wrapping_sub(earlier);
+    if gap > u32::MAX / 2 {
+        0
+    } else {
+        gap
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip_for_every_unit() {
+        for unit in Unit::ALL {
+            let entry = CountEntry {
+                unit,
+                window: 28_333_334,
+                count: u32::MAX,
+                at_millis: 3_641_220_123,
+            };
+            assert_eq!(CountEntry::decode(&entry.encode()), Some(entry));
+        }
+        assert_eq!(
+            CountEntry::decode("s28333334:17:5"),
+            Some(CountEntry {
+                unit: Unit::Second,
+                window: 28_333_334,
+                count: 17,
+                at_millis: 5
+            })
+        );
+    }
+
+    #[test]
+    fn malformed_values_are_ignored() {
+        for bad in [
+            "",
+            "s",
+            "x1:2:3",
+            "s1:2",
+            "s1:2:3:4",
+            "s-1:2:3",
+            "s1:two:3",
+            "s99999999999:1:1",
+        ] {
+            assert_eq!(CountEntry::decode(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn keys_are_compact_and_stable() {
+        // FNV-1a test vectors: the hash must never change between versions.
+        assert_eq!(key_hash(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(key_hash("a"), 0xaf63_dc4c_8601_ec8c);
+        let long = "k".repeat(65_536);
+        let key = entry_key(key_hash(&long));
+        assert_eq!(key.len(), 18);
+        assert_eq!(decode_entry_key(&key), Some(key_hash(&long)));
+        assert_eq!(decode_entry_key("c:xyz"), None);
+        assert_eq!(decode_entry_key("other"), None);
+    }
+
+    #[test]
+    fn millis_wrap_and_skew() {
+        assert_eq!(millis_since(10, 30), 20);
+        assert_eq!(millis_since(u32::MAX - 5, 4), 10);
+        assert_eq!(
+            millis_since(30, 10),
+            0,
+            "a timestamp from the future counts as now"
+        );
+    }
+}

@@ -1,0 +1,27 @@
+//! hivemind-harness: a small, bounded load generator that measures what a distributed rate
+//! limiter costs.
+//!
+//! The figures are **overshoot** (admitted beyond the limit per window), **false rejections**
+//! (rejected although an exact limiter would have admitted), latency and throughput. The ground
+//! truth is what the clients saw admitted per window, never the servers' own counters. The parts:
+//!
+//! - [`cluster`]: N real `hivemind` processes on loopback, with their rules, flags and env;
+//! - [`workload`]: paced gRPC clients offering a rate spread over the nodes;
+//! - [`truth`]: per-window ground truth from the clients' observations;
+//! - [`report`]: the summary and per-window table, as markdown and JSON;
+//! - [`experiment`]: the standard run that ties them together (used by the `overshoot` binary).
+
+pub mod cluster;
+pub mod experiment;
+pub mod report;
+pub mod truth;
+pub mod workload;
+
+pub use cluster::{
+    build_hivemind, default_binary, Cluster, ClusterError, ClusterSpec, Health, Node, Profile,
+    Strategy,
+};
+pub use experiment::{bench_rules, Experiment, ExperimentError};
+pub use report::{Latency, Report, ReportError, RunInfo, Summary};
+pub use truth::{analyse, Observation, Outcome, WindowTruth};
+pub use workload::{Workload, WorkloadError};

@@ -1,0 +1,369 @@
+//! The offered load: real gRPC clients calling `ShouldRateLimit` at a paced rate.
+//!
+//! A [`Workload`] is a total rate spread over the target nodes (evenly, or by weights), sent by
+//! `clients_per_node` clients per node, each with its own HTTP/2 connection (as several Envoys
+//! would), all asking about the same descriptor. Every call becomes a
+//! [`truth::Observation`](crate::truth::Observation).
+//!
+//! **Pacing.** Each client ticks a `tokio::time::Interval` at its share of the rate and makes
+//! one call per tick, waiting for the answer before the next one. The missed-tick behaviour is
+//! [`MissedTickBehavior::Burst`]: a tick missed because a call was slow, or because the timer
+//! (1 ms granularity) is coarser than the period, is made up right away, so the rate offered
+//! over a window stays the target rate. `Delay` would instead lower the offered rate whenever
+//! the server slows down, quietly shrinking the load the limiter is being measured under. The
+//! rate a run actually offered is reported next to the target, so a client that could not keep
+//! up (more latency than `clients_per_node / rate` allows) is visible, not hidden.
+//!
+//! Clients start at evenly staggered offsets within one period so that they do not all fire in
+//! the same millisecond. Every client loop is bounded twice: by the deadline and by a count of
+//! `ceil(rate × duration)` calls; every call is bounded by `request_timeout`.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hivemind::proto::{
+    Code, DescriptorEntry, RateLimitDescriptor, RateLimitRequest, RateLimitServiceClient,
+};
+use tokio::time::MissedTickBehavior;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::truth::{Observation, Outcome};
+
+/// The most calls one run may plan; beyond it the observations alone would take gigabytes.
+pub const MAX_PLANNED_CALLS: f64 = 50_000_000.0;
+
+/// The load to offer.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    /// Domain of every request: the rules file's `domain`.
+    pub domain: String,
+    /// The entries (key, value) of the one descriptor each request carries.
+    pub entries: Vec<(String, String)>,
+    /// Total offered rate over all targets, in calls per second.
+    pub rate: f64,
+    /// Relative share of the rate per target, in target order; empty means even. Lets a run
+    /// model skewed traffic (one hot Envoy) without changing anything else.
+    pub weights: Vec<f64>,
+    /// Concurrent clients (connections) per target; more clients keep the rate at higher
+    /// latency, since each has one call in flight.
+    pub clients_per_node: usize,
+    /// How long to offer load, from the common start.
+    pub duration: Duration,
+    /// Per-call bound; a call that takes longer is an error, not a decision.
+    pub request_timeout: Duration,
+    /// Bound on connecting each client before the load starts.
+    pub connect_timeout: Duration,
+}
+
+impl Workload {
+    /// A workload on one descriptor with even spread, 4 clients per node, a 1 s call timeout
+    /// and a 5 s connect timeout.
+    pub fn new(
+        domain: impl Into<String>,
+        entries: Vec<(String, String)>,
+        rate: f64,
+        duration: Duration,
+    ) -> Self {
+        Workload {
+            domain: domain.into(),
+            entries,
+            rate,
+            weights: Vec::new(),
+            clients_per_node: 4,
+            duration,
+            request_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// The request every call sends.
+    pub fn request(&self) -> RateLimitRequest {
+        RateLimitRequest {
+            domain: self.domain.clone(),
+            descriptors: vec![RateLimitDescriptor {
+                entries: self
+                    .entries
+                    .iter()
+                    .map(|(key, value)| DescriptorEntry {
+                        key: key.clone(),
+                        value: value.clone(),
+                    })
+                    .collect(),
+                ..RateLimitDescriptor::default()
+            }],
+            hits_addend: 1,
+        }
+    }
+
+    /// The rate each of `targets` targets receives, by weight.
+    pub fn rates_per_target(&self, targets: usize) -> Result<Vec<f64>, WorkloadError> {
+        let weights = if self.weights.is_empty() {
+            vec![1.0; targets]
+        } else if self.weights.len() == targets {
+            self.weights.clone()
+        } else {
+            return Err(WorkloadError::Invalid(format!(
+                "{} weights for {targets} targets",
+                self.weights.len()
+            )));
+        };
+        let total: f64 = weights.iter().sum();
+        if weights.iter().any(|w| !w.is_finite() || *w < 0.0) || total <= 0.0 {
+            return Err(WorkloadError::Invalid(format!(
+                "weights must be finite, non-negative, and not all zero: {weights:?}"
+            )));
+        }
+        Ok(weights.iter().map(|w| self.rate * w / total).collect())
+    }
+
+    fn validate(&self, targets: usize) -> Result<(), WorkloadError> {
+        if targets == 0 {
+            return Err(WorkloadError::Invalid("no targets".into()));
+        }
+        if !self.rate.is_finite() || self.rate <= 0.0 {
+            return Err(WorkloadError::Invalid(format!(
+                "rate must be positive, got {}",
+                self.rate
+            )));
+        }
+        if self.clients_per_node == 0 {
+            return Err(WorkloadError::Invalid(
+                "clients_per_node must be at least 1".into(),
+            ));
+        }
+        let planned = self.rate * self.duration.as_secs_f64();
+        if planned > MAX_PLANNED_CALLS {
+            return Err(WorkloadError::Invalid(format!(
+                "{planned:.0} calls planned, more than the {MAX_PLANNED_CALLS:.0} allowed"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What can stop a workload from running.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    /// The workload makes no sense (no targets, zero rate, bad weights, too many calls).
+    #[error("invalid workload: {0}")]
+    Invalid(String),
+    /// A client could not connect before the load started.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// The target.
+        addr: SocketAddr,
+        /// The transport error.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// Connecting took longer than `connect_timeout`.
+    #[error("connecting to {0} timed out")]
+    ConnectTimeout(SocketAddr),
+    /// A client task panicked.
+    #[error("a client task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// One client's share of the plan.
+struct ClientPlan {
+    /// Which target (node index) it calls.
+    node: u32,
+    /// Its own connection.
+    client: RateLimitServiceClient<Channel>,
+    /// Time between its calls.
+    period: Duration,
+    /// When its first call goes out (staggered).
+    first: tokio::time::Instant,
+    /// Its bound on the number of calls.
+    max_calls: usize,
+}
+
+/// Offers `workload` to `targets` (gRPC addresses, in node order) and returns every call it
+/// made, sorted by send time.
+///
+/// All clients connect before the clock starts; the load then runs for `workload.duration`.
+pub async fn run(
+    workload: &Workload,
+    targets: &[SocketAddr],
+) -> Result<Vec<Observation>, WorkloadError> {
+    workload.validate(targets.len())?;
+    let rates = workload.rates_per_target(targets.len())?;
+    let clients_total = rates.iter().filter(|r| **r > 0.0).count() * workload.clients_per_node;
+
+    let mut plans = Vec::with_capacity(clients_total);
+    for (node, (&addr, &node_rate)) in targets.iter().zip(&rates).enumerate() {
+        if node_rate <= 0.0 {
+            continue;
+        }
+        let client_rate = node_rate / workload.clients_per_node as f64;
+        for _ in 0..workload.clients_per_node {
+            let client = connect(addr, workload.connect_timeout).await?;
+            plans.push((node as u32, client, client_rate));
+        }
+    }
+
+    // Start a little ahead so that spawning every task does not eat into the first period.
+    let start = tokio::time::Instant::now() + Duration::from_millis(20);
+    let deadline = start + workload.duration;
+    let request = workload.request();
+    let mut tasks = Vec::with_capacity(plans.len());
+    for (k, (node, client, client_rate)) in plans.into_iter().enumerate() {
+        let period = Duration::from_secs_f64(1.0 / client_rate);
+        let plan = ClientPlan {
+            node,
+            client,
+            period,
+            first: start + period.mul_f64(k as f64 / clients_total as f64),
+            max_calls: (client_rate * workload.duration.as_secs_f64()).ceil() as usize,
+        };
+        tasks.push(tokio::spawn(client_loop(
+            plan,
+            request.clone(),
+            deadline,
+            workload.request_timeout,
+        )));
+    }
+
+    let mut observations = Vec::new();
+    for task in tasks {
+        observations.extend(task.await?);
+    }
+    observations.sort_by_key(|o| o.sent_us);
+    Ok(observations)
+}
+
+async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<RateLimitServiceClient<Channel>, WorkloadError> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|source| WorkloadError::Connect { addr, source })?
+        .tcp_nodelay(true)
+        .connect_timeout(timeout);
+    let channel = tokio::time::timeout(timeout, endpoint.connect())
+        .await
+        .map_err(|_| WorkloadError::ConnectTimeout(addr))?
+        .map_err(|source| WorkloadError::Connect { addr, source })?;
+    Ok(RateLimitServiceClient::new(channel))
+}
+
+/// One client: a call per tick until the deadline or its call budget, whichever comes first.
+async fn client_loop(
+    mut plan: ClientPlan,
+    request: RateLimitRequest,
+    deadline: tokio::time::Instant,
+    request_timeout: Duration,
+) -> Vec<Observation> {
+    let mut ticks = tokio::time::interval_at(plan.first, plan.period);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Burst);
+    let mut out = Vec::with_capacity(plan.max_calls);
+    while out.len() < plan.max_calls {
+        if tokio::time::timeout_at(deadline, ticks.tick())
+            .await
+            .is_err()
+        {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        let sent_us = unix_micros(SystemTime::now());
+        let sent = Instant::now();
+        let answer = tokio::time::timeout(
+            request_timeout,
+            plan.client.should_rate_limit(request.clone()),
+        )
+        .await;
+        let latency = sent.elapsed();
+        let received_us = unix_micros(SystemTime::now());
+        let outcome = match answer {
+            Ok(Ok(response)) => match Code::try_from(response.get_ref().overall_code) {
+                Ok(Code::Ok) => Outcome::Admitted,
+                Ok(Code::OverLimit) => Outcome::Rejected,
+                _ => Outcome::Error,
+            },
+            Ok(Err(_)) | Err(_) => Outcome::Error,
+        };
+        out.push(Observation {
+            node: plan.node,
+            sent_us,
+            received_us,
+            latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
+            outcome,
+        });
+    }
+    out
+}
+
+/// Microseconds since the Unix epoch (0 for a clock set before 1970).
+pub fn unix_micros(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(rate: f64) -> Workload {
+        Workload::new(
+            "bench",
+            vec![("generic_key".into(), "bench".into())],
+            rate,
+            Duration::from_secs(1),
+        )
+    }
+
+    #[test]
+    fn even_spread_by_default_and_weighted_on_request() {
+        let w = workload(300.0);
+        assert_eq!(w.rates_per_target(3).unwrap(), [100.0, 100.0, 100.0]);
+        let mut w = workload(300.0);
+        w.weights = vec![2.0, 1.0, 0.0];
+        assert_eq!(w.rates_per_target(3).unwrap(), [200.0, 100.0, 0.0]);
+        assert!(w.rates_per_target(2).is_err());
+        w.weights = vec![0.0, 0.0, 0.0];
+        assert!(w.rates_per_target(3).is_err());
+        w.weights = vec![1.0, -1.0, 1.0];
+        assert!(w.rates_per_target(3).is_err());
+    }
+
+    #[test]
+    fn nonsense_workloads_are_refused() {
+        assert!(workload(0.0).validate(1).is_err());
+        assert!(workload(f64::NAN).validate(1).is_err());
+        assert!(workload(10.0).validate(0).is_err());
+        let mut w = workload(10.0);
+        w.clients_per_node = 0;
+        assert!(w.validate(1).is_err());
+        let mut w = workload(1e9);
+        w.duration = Duration::from_secs(3600);
+        assert!(w.validate(1).is_err());
+        assert!(workload(10.0).validate(3).is_ok());
+    }
+
+    #[test]
+    fn the_request_carries_one_descriptor_with_the_entries() {
+        let r = workload(1.0).request();
+        assert_eq!(r.domain, "bench");
+        assert_eq!(r.hits_addend, 1);
+        assert_eq!(r.descriptors.len(), 1);
+        let e = &r.descriptors[0].entries;
+        assert_eq!(
+            (e[0].key.as_str(), e[0].value.as_str()),
+            ("generic_key", "bench")
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_target_fails_to_connect() {
+        // A port that was free a moment ago: nothing listens there.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let err = run(&workload(10.0), &[addr]).await.unwrap_err();
+        assert!(matches!(err, WorkloadError::Connect { .. }), "{err}");
+    }
+}

@@ -1,0 +1,156 @@
+//! End to end: real `hivemind` processes, real gRPC clients, the real measurement.
+//!
+//! `CARGO_BIN_EXE_hivemind` only exists inside the server's own package, so the binary is
+//! built here once (`cargo build -p hivemind --bin hivemind`, debug) and shared by the tests.
+//!
+//! The two runs prove the measurement both ways: one standalone node is an exact limiter, so
+//! the clients must see no overshoot and no false rejection; two standalone nodes each enforce
+//! the whole limit, so the clients must see the cluster admit twice the limit (overshoot ≈ 100 %).
+//! Each run lasts about 3–4 s (1 s windows: the partial one, then 3 measured).
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use hivemind_core::Unit;
+use hivemind_harness::cluster::{Cluster, ClusterSpec};
+use hivemind_harness::{build_hivemind, Experiment, Profile, Strategy};
+
+fn hivemind() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY
+        .get_or_init(|| build_hivemind(Profile::Debug).unwrap_or_else(|e| panic!("{e}")))
+        .clone()
+}
+
+fn experiment(nodes: usize, limit: u64, load: f64) -> Experiment {
+    let mut e = Experiment::new(hivemind(), Strategy::Standalone, nodes, limit, Unit::Second);
+    e.load = load;
+    e.windows = 3;
+    e.warmup_windows = 0;
+    e.clients_per_node = 2;
+    e
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_standalone_node_is_exact() {
+    let report = experiment(1, 50, 2.0).run().await.expect("run");
+    println!("{}", report.to_markdown());
+    let s = &report.summary;
+    assert_eq!(report.windows.len(), 3);
+    assert_eq!(s.errors, 0);
+    for w in &report.windows {
+        assert_eq!(w.overshoot, 0, "{w:?}");
+        assert_eq!(w.false_rejections, 0, "{w:?}");
+        // The load was offered: about 100 calls a window, every window filled to its limit
+        // (up to calls straddling a boundary, whose window is uncertain).
+        assert!((90..=110).contains(&w.offered), "{w:?}");
+        assert!(
+            w.admitted <= 50 && w.admitted + w.ambiguous_admitted >= 50,
+            "{w:?}"
+        );
+    }
+    assert_eq!(s.overshoot_worst_pct, 0.0);
+    assert_eq!(s.false_rejection_pct, 0.0);
+    assert!(s.latency.count > 250 && s.latency.p50_us > 0, "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_standalone_nodes_overshoot_by_the_limit() {
+    // 3× the limit spread over 2 nodes: each node sees 1.5× the limit, admits the full limit
+    // itself, so the cluster admits 2× the limit and the overshoot is 100 % of the limit.
+    let report = experiment(2, 50, 3.0).run().await.expect("run");
+    println!("{}", report.to_markdown());
+    let s = &report.summary;
+    assert_eq!(report.windows.len(), 3);
+    for w in &report.windows {
+        assert!((45..=50).contains(&w.overshoot), "{w:?}");
+        assert!(w.overshoot_upper >= 50, "{w:?}");
+        assert_eq!(w.false_rejections, 0, "{w:?}");
+    }
+    assert!(
+        (90.0..=100.0).contains(&s.overshoot_mean_pct),
+        "mean overshoot {} %",
+        s.overshoot_mean_pct
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_report_their_addresses_and_can_be_killed() {
+    let spec = ClusterSpec::new(
+        hivemind(),
+        Strategy::Standalone,
+        2,
+        hivemind_harness::bench_rules(10, Unit::Second),
+    );
+    let mut cluster = tokio::task::spawn_blocking(move || Cluster::start(&spec))
+        .await
+        .unwrap()
+        .expect("start");
+    cluster
+        .wait_ready(Duration::from_secs(10))
+        .await
+        .expect("ready");
+    let addrs = cluster.grpc_addrs();
+    assert_eq!(addrs.len(), 2);
+    assert!(addrs.iter().all(|a| a.ip().is_loopback() && a.port() != 0));
+    assert!(cluster.node(1).unwrap().rules_path().is_file());
+
+    cluster.kill(1).expect("kill");
+    assert!(cluster.node(1).unwrap().is_killed());
+    assert_eq!(cluster.live().count(), 1);
+    assert!(cluster.exited().is_empty(), "a killed node is not a crash");
+    cluster
+        .wait_ready(Duration::from_secs(5))
+        .await
+        .expect("the survivor stays ready");
+    assert!(cluster.kill(2).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_bad_rules_fails_fast_with_its_stderr() {
+    // The server prints its listening line before it reads the rules, then exits 1: the
+    // readiness wait must notice the exit at once rather than wait out its timeout.
+    let spec = ClusterSpec::new(
+        hivemind(),
+        Strategy::Standalone,
+        1,
+        "domain: bench\ndescriptors:\n  - key: generic_key\n    bogus: 1\n",
+    );
+    let started = std::time::Instant::now();
+    let result = async {
+        let mut cluster = tokio::task::spawn_blocking(move || Cluster::start(&spec))
+            .await
+            .unwrap()?;
+        cluster.wait_ready(Duration::from_secs(20)).await
+    }
+    .await;
+    let text = result
+        .expect_err("bad rules must not become ready")
+        .to_string();
+    assert!(
+        text.contains("bogus"),
+        "stderr should name the bad key: {text}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_node_that_cannot_parse_its_flags_fails_to_start_with_its_stderr() {
+    let mut spec = ClusterSpec::new(
+        hivemind(),
+        Strategy::Standalone,
+        1,
+        hivemind_harness::bench_rules(10, Unit::Second),
+    );
+    spec.args = vec!["--no-such-flag".into()];
+    let text = Cluster::start(&spec)
+        .expect_err("must not start")
+        .to_string();
+    assert!(text.contains("did not start"), "{text}");
+    assert!(text.contains("--no-such-flag"), "{text}");
+}
