@@ -38,7 +38,7 @@ open(sys.argv[1], "wb").write(b"\0" + struct.pack(">I", len(request)) + request)
 PY
 
 target/release/hivemind -c "$work/rules.yaml" -a 127.0.0.1:0 --admin-addr 127.0.0.1:0 \
-  --strategy "$strategy" > "$work/stdout" 2> "$work/stderr" &
+  --mesh-addr 127.0.0.1:0 --strategy "$strategy" > "$work/stdout" 2> "$work/stderr" &
 pid=$!
 for _ in $(seq 100); do grep -q 'listening' "$work/stdout" && break; sleep 0.1; done
 addr=$(grep -o 'grpc=[^ ]*' "$work/stdout" | cut -d= -f2)

@@ -212,6 +212,7 @@ impl Gossip {
                     if *event.node == self_id {
                         return;
                     }
+                    // The event's key comes without the subscribed prefix.
                     let full_key = format!("{COUNTER_PREFIX}{}", event.key);
                     let (Some(hash), Some(entry)) =
                         (decode_entry_key(&full_key), CountEntry::decode(event.value))
@@ -455,7 +456,13 @@ async fn publish(
             _ = tick.tick() => {}
             _ = shared.publish_now.notified() => {}
         }
-        let round = publisher.round(&shared.counters, &shared.view, clock.now(), budget);
+        let nodes = 1 + shared
+            .membership
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .live
+            .len();
+        let round = publisher.round(&shared.counters, &shared.view, clock.now(), budget, nodes);
         shared
             .published_keys
             .store(publisher.tracked() as u64, Ordering::Relaxed);

@@ -18,6 +18,22 @@ use crate::wire::{entry_key, key_hash, millis_tag, CountEntry};
 /// Priority a changed key gains per round it waits.
 const AGING_PER_ROUND: f64 = 0.05;
 
+/// A key whose global count (own + peers' published) is at least this fraction of its limit is
+/// hot: every change goes out in the next round.
+const HOT_FRACTION: f64 = 0.5;
+
+/// Below [`HOT_FRACTION`], the share of the limit that all nodes' unpublished hits may add up
+/// to: each node publishes a cold key once its unpublished hits reach `COLD_SLACK / nodes` of
+/// the limit, so a key turns hot before the hits nobody has heard of can matter.
+const COLD_SLACK: f64 = 0.4;
+
+/// A key idle this long (ms) after its published window ended is deleted: a key hit again soon
+/// after a window boundary keeps its entry (overwritten in place) instead of a delete and a set.
+const DELETE_AFTER_IDLE_MILLIS: u32 = 10_000;
+
+/// A cold key's count is refreshed at least this often (ms) while it changes.
+const COLD_REFRESH_MILLIS: u32 = 10_000;
+
 /// What this node knows of one of its own counter keys.
 #[derive(Debug, Clone)]
 struct OwnKey {
@@ -27,6 +43,8 @@ struct OwnKey {
     unit: Unit,
     /// What was last written to chitchat (window, count), if anything.
     published: Option<(u32, u32)>,
+    /// When it was written (millis tag).
+    published_at: u32,
     /// The last snapshot (window, count, millis), for the own rate.
     last_seen: (u32, u32, u32),
     /// This node's smoothed rate on the key, hits per second.
@@ -35,6 +53,8 @@ struct OwnKey {
     waiting: u32,
     /// The round the key was last seen live in (to find keys that went away).
     seen_round: u64,
+    /// When it was last seen live (millis tag).
+    seen_at: u32,
 }
 
 /// The result of one round.
@@ -76,13 +96,17 @@ impl Publisher {
 
     /// Runs one round at `now`: reads the live counters, refreshes this node's own rates in
     /// `view`, and returns at most `budget` keys to set (plus every delete that is due).
+    /// `nodes` is the mesh size (this node included), which sets how much a cold key may drift
+    /// before it is published.
     pub fn round(
         &mut self,
         counters: &LocalCounters,
         view: &PeerView,
         now: UnixTime,
         budget: usize,
+        nodes: usize,
     ) -> Round {
+        let cold_step = COLD_SLACK / nodes.max(1) as f64;
         self.round += 1;
         let round = self.round;
         let now_millis = millis_tag(now);
@@ -96,13 +120,16 @@ impl Publisher {
                     hash: key_hash(live.key),
                     unit: live.unit,
                     published: None,
+                    published_at: now_millis,
                     last_seen: (live.window, 0, now_millis),
                     rate: 0.0,
                     waiting: 0,
                     seen_round: round,
+                    seen_at: now_millis,
                 }),
             };
             state.seen_round = round;
+            state.seen_at = now_millis;
             let (window, count, at) = state.last_seen;
             let gap = now_millis.wrapping_sub(at);
             if window == live.window && gap > 0 && gap < 60_000 {
@@ -120,6 +147,18 @@ impl Publisher {
                 } else {
                     f64::from(live.count.saturating_add(peers)) / f64::from(live.limit)
                 };
+                let unpublished = match state.published {
+                    Some((window, count)) if window == live.window => {
+                        live.count.saturating_sub(count)
+                    }
+                    _ => live.count,
+                };
+                let due = closeness >= HOT_FRACTION
+                    || f64::from(unpublished) >= (f64::from(live.limit) * cold_step).max(1.0)
+                    || now_millis.wrapping_sub(state.published_at) >= COLD_REFRESH_MILLIS;
+                if !due {
+                    return;
+                }
                 priorities.insert(
                     live.key.into(),
                     closeness + AGING_PER_ROUND * f64::from(state.waiting),
@@ -155,10 +194,12 @@ impl Publisher {
             };
             sets.push((entry_key(state.hash), entry.encode()));
             state.published = Some((window, count));
+            state.published_at = now_millis;
             state.waiting = 0;
         }
 
-        // Keys not live this round: delete their entry once its window has ended.
+        // Keys not live this round: delete their entry once its window has ended and the key
+        // has been idle for a while.
         let mut deletes = Vec::new();
         self.keys.retain(|_, state| {
             if state.seen_round == round {
@@ -166,6 +207,9 @@ impl Publisher {
             }
             match state.published {
                 Some((window, _)) if window >= window_tag(now, state.unit) => true,
+                Some(_) if now_millis.wrapping_sub(state.seen_at) < DELETE_AFTER_IDLE_MILLIS => {
+                    true
+                }
                 Some(_) => {
                     deletes.push(entry_key(state.hash));
                     false
@@ -218,21 +262,24 @@ mod tests {
         let counters = LocalCounters::new(100);
         let view = PeerView::default();
         let mut publisher = Publisher::new();
-        hit(&counters, "a", 10, Unit::Minute, 3, T0);
-        let round = publisher.round(&counters, &view, T0, 100);
+        hit(&counters, "a", 10, Unit::Minute, 6, T0);
+        let round = publisher.round(&counters, &view, T0, 100, 1);
         let sets = decoded(&round);
         assert_eq!(sets.len(), 1);
         assert_eq!(sets[0].0, entry_key(key_hash("a")));
-        assert_eq!(sets[0].1.count, 3);
+        assert_eq!(sets[0].1.count, 6);
         assert_eq!(sets[0].1.window, window_tag(T0, Unit::Minute));
         // Nothing changed: nothing to send.
-        assert_eq!(publisher.round(&counters, &view, T0, 100), Round::default());
+        assert_eq!(
+            publisher.round(&counters, &view, T0, 100, 1),
+            Round::default()
+        );
         hit(&counters, "a", 10, Unit::Minute, 1, T0);
         assert_eq!(
-            decoded(&publisher.round(&counters, &view, T0, 100))[0]
+            decoded(&publisher.round(&counters, &view, T0, 100, 1))[0]
                 .1
                 .count,
-            4
+            7
         );
     }
 
@@ -242,10 +289,10 @@ mod tests {
         let view = PeerView::default();
         let mut publisher = Publisher::new();
         for i in 0..10 {
-            hit(&counters, &format!("cold{i}"), 1_000, Unit::Minute, 1, T0);
+            hit(&counters, &format!("cold{i}"), 2, Unit::Minute, 1, T0);
         }
         hit(&counters, "hot", 10, Unit::Minute, 9, T0);
-        let first = publisher.round(&counters, &view, T0, 3);
+        let first = publisher.round(&counters, &view, T0, 3, 1);
         assert_eq!(first.sets.len(), 3);
         assert_eq!(first.backlog, 8);
         assert!(first
@@ -254,7 +301,7 @@ mod tests {
             .any(|(k, _)| *k == entry_key(key_hash("hot"))));
         let mut published = first.sets.len();
         for _ in 0..10 {
-            published += publisher.round(&counters, &view, T0, 3).sets.len();
+            published += publisher.round(&counters, &view, T0, 3, 1).sets.len();
         }
         assert_eq!(published, 11, "every changed key is published eventually");
     }
@@ -273,21 +320,65 @@ mod tests {
                 hit(
                     &counters,
                     &format!("k{second}-{i}"),
-                    5,
+                    2,
                     Unit::Second,
                     1,
                     now,
                 );
             }
-            let round = publisher.round(&counters, &view, now, 10_000);
+            let round = publisher.round(&counters, &view, now, 10_000, 1);
             total_sets += round.sets.len();
             total_deletes += round.deletes.len();
-            assert!(publisher.tracked() <= 2_000, "{}", publisher.tracked());
+            assert!(publisher.tracked() <= 12_000, "{}", publisher.tracked());
             counters.sweep(now);
             now = now.plus(Duration::from_secs(1));
         }
         assert_eq!(total_sets, 50_000);
-        assert_eq!(total_deletes, 49_000);
+        // Each second's keys go once idle for 10 s: those of the first 40 seconds by now.
+        assert_eq!(total_deletes, 40_000);
+    }
+
+    #[test]
+    fn cold_keys_wait_for_a_significant_change_or_the_refresh() {
+        let counters = LocalCounters::new(100);
+        let view = PeerView::default();
+        let mut publisher = Publisher::new();
+        // Limit 100 on a 4-node mesh: a cold key goes out after 10 unpublished hits.
+        hit(&counters, "cold", 100, Unit::Minute, 9, T0);
+        assert!(publisher
+            .round(&counters, &view, T0, 100, 4)
+            .sets
+            .is_empty());
+        hit(&counters, "cold", 100, Unit::Minute, 1, T0);
+        assert_eq!(
+            decoded(&publisher.round(&counters, &view, T0, 100, 4))[0]
+                .1
+                .count,
+            10
+        );
+        // One more hit: not significant, until the refresh interval has passed.
+        hit(&counters, "cold", 100, Unit::Minute, 1, T0);
+        assert!(publisher
+            .round(&counters, &view, T0, 100, 4)
+            .sets
+            .is_empty());
+        let later = T0.plus(Duration::from_millis(u64::from(COLD_REFRESH_MILLIS)));
+        assert_eq!(
+            decoded(&publisher.round(&counters, &view, later, 100, 4))[0]
+                .1
+                .count,
+            11
+        );
+        // Past half the limit every change goes out.
+        hit(&counters, "cold", 100, Unit::Minute, 40, later);
+        publisher.round(&counters, &view, later, 100, 4);
+        hit(&counters, "cold", 100, Unit::Minute, 1, later);
+        assert_eq!(
+            decoded(&publisher.round(&counters, &view, later, 100, 4))[0]
+                .1
+                .count,
+            52
+        );
     }
 
     #[test]
@@ -307,7 +398,7 @@ mod tests {
         let mut now = T0;
         for _ in 0..20 {
             hit(&counters, "shared", 1_000_000, Unit::Minute, 10, now);
-            publisher.round(&counters, &view, now, 100);
+            publisher.round(&counters, &view, now, 100, 1);
             now = now.plus(Duration::from_millis(100));
         }
         let rate = view

@@ -1,10 +1,11 @@
 //! How a node's counts look in its chitchat state: one compact key-value per counter key.
 //!
-//! Key: `c:` + 16 hex digits of a stable 64-bit hash of the counter key (counter keys can be
-//! kilobytes long; a key-value must stay far below chitchat's 65,507-byte datagram). Value:
-//! `{unit}{window}:{count}:{millis}`: the unit letter, the 32-bit window tag, this node's own
-//! count in that window, and the wall-clock milliseconds (mod 2^32) when the count was read,
-//! which lets readers estimate rates and extrapolate. Example: `s28333334:17:3641220123`.
+//! Key: `c` + 11 base64url characters of a stable 64-bit hash of the counter key (counter keys
+//! can be kilobytes long; a key-value must stay far below chitchat's 65,507-byte datagram).
+//! Value: `{unit}{window}:{count}:{millis}`, numbers in base 36: the unit letter, the 32-bit
+//! window tag, this node's own count in that window, and the wall-clock milliseconds (mod 2^32)
+//! when the count was read, which lets readers estimate rates and extrapolate. Example:
+//! `sgva52:h:1o7vzff`. Every byte counts: thousands of these go out per gossip round.
 //!
 //! The value is overwritten in place when the count or the window changes, so each counter key
 //! costs one entry per node, whatever the number of windows.
@@ -12,7 +13,10 @@
 use hivemind_core::Unit;
 
 /// The prefix of every counter entry in a node's chitchat state.
-pub const COUNTER_PREFIX: &str = "c:";
+pub const COUNTER_PREFIX: &str = "c";
+
+/// base64url without padding: 11 characters for 8 bytes.
+const BASE64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
 /// A stable 64-bit hash of a counter key (FNV-1a): identical on every node, version and
 /// platform, so nodes agree on which entry holds a key without sending the key itself.
@@ -26,7 +30,39 @@ pub fn key_hash(counter_key: &str) -> u64 {
 
 /// The chitchat key holding the counter whose key hashes to `hash`.
 pub fn entry_key(hash: u64) -> String {
-    format!("{COUNTER_PREFIX}{hash:016x}")
+    let mut key = String::with_capacity(12);
+    key.push_str(COUNTER_PREFIX);
+    // 64 bits as 11 six-bit digits, most significant first (the first holds the top 4 bits).
+    for i in (0..11).rev() {
+        key.push(BASE64URL[((hash >> (6 * i)) & 0x3f) as usize] as char);
+    }
+    key
+}
+
+fn base36(mut n: u32) -> String {
+    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = [0u8; 7];
+    let mut at = out.len();
+    loop {
+        at -= 1;
+        out[at] = DIGITS[(n % 36) as usize];
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&out[at..]).into_owned()
+}
+
+fn parse_base36(s: &str) -> Option<u32> {
+    if s.is_empty()
+        || s.len() > 7
+        || s.bytes()
+            .any(|b| !b.is_ascii_digit() && !b.is_ascii_lowercase())
+    {
+        return None;
+    }
+    u32::from_str_radix(s, 36).ok()
 }
 
 /// One node's published count for one counter key.
@@ -48,9 +84,9 @@ impl CountEntry {
         format!(
             "{}{}:{}:{}",
             unit_letter(self.unit),
-            self.window,
-            self.count,
-            self.at_millis
+            base36(self.window),
+            base36(self.count),
+            base36(self.at_millis)
         )
     }
 
@@ -60,9 +96,9 @@ impl CountEntry {
         let mut chars = value.chars();
         let unit = letter_unit(chars.next()?)?;
         let mut fields = chars.as_str().split(':');
-        let window = fields.next()?.parse().ok()?;
-        let count = fields.next()?.parse().ok()?;
-        let at_millis = fields.next()?.parse().ok()?;
+        let window = parse_base36(fields.next()?)?;
+        let count = parse_base36(fields.next()?)?;
+        let at_millis = parse_base36(fields.next()?)?;
         if fields.next().is_some() {
             return None;
         }
@@ -77,11 +113,14 @@ impl CountEntry {
 
 /// Parses a chitchat key of a counter entry into its hash.
 pub fn decode_entry_key(key: &str) -> Option<u64> {
-    let hex = key.strip_prefix(COUNTER_PREFIX)?;
-    if hex.len() != 16 {
+    let digits = key.strip_prefix(COUNTER_PREFIX)?;
+    if digits.len() != 11 {
         return None;
     }
-    u64::from_str_radix(hex, 16).ok()
+    digits.bytes().try_fold(0u64, |hash, b| {
+        let digit = BASE64URL.iter().position(|&c| c == b)? as u64;
+        Some((hash << 6) | digit)
+    })
 }
 
 fn unit_letter(unit: Unit) -> char {
@@ -140,15 +179,19 @@ mod tests {
             };
             assert_eq!(CountEntry::decode(&entry.encode()), Some(entry));
         }
-        assert_eq!(
-            CountEntry::decode("s28333334:17:5"),
-            Some(CountEntry {
-                unit: Unit::Second,
-                window: 28_333_334,
-                count: 17,
-                at_millis: 5
-            })
-        );
+        let example = CountEntry {
+            unit: Unit::Second,
+            window: 28_333_334,
+            count: 17,
+            at_millis: 3_641_220_123,
+        };
+        assert_eq!(example.encode(), "sgva52:h:1o7vzff");
+        assert_eq!(CountEntry::decode("sgva52:h:1o7vzff"), Some(example));
+        let max = CountEntry {
+            count: u32::MAX,
+            ..example
+        };
+        assert_eq!(CountEntry::decode(&max.encode()), Some(max));
     }
 
     #[test]
@@ -160,8 +203,9 @@ mod tests {
             "s1:2",
             "s1:2:3:4",
             "s-1:2:3",
-            "s1:two:3",
-            "s99999999999:1:1",
+            "s1:TWO:3",
+            "s1:2:",
+            "szzzzzzzz:1:1",
         ] {
             assert_eq!(CountEntry::decode(bad), None, "{bad:?}");
         }
@@ -174,9 +218,14 @@ mod tests {
         assert_eq!(key_hash("a"), 0xaf63_dc4c_8601_ec8c);
         let long = "k".repeat(65_536);
         let key = entry_key(key_hash(&long));
-        assert_eq!(key.len(), 18);
+        assert_eq!(key.len(), 12);
         assert_eq!(decode_entry_key(&key), Some(key_hash(&long)));
-        assert_eq!(decode_entry_key("c:xyz"), None);
+        for hash in [0, 1, u64::MAX, 0x8000_0000_0000_0000, 0xdead_beef_cafe_f00d] {
+            assert_eq!(decode_entry_key(&entry_key(hash)), Some(hash));
+        }
+        assert_eq!(entry_key(0), "cAAAAAAAAAAA");
+        assert_eq!(decode_entry_key("cxyz"), None);
+        assert_eq!(decode_entry_key("c:AAAAAAAAAA"), None);
         assert_eq!(decode_entry_key("other"), None);
     }
 

@@ -243,6 +243,8 @@ pub struct Cluster {
     /// Every node started, killed ones included, so indices stay stable and results per node
     /// keep their meaning.
     nodes: Vec<Node>,
+    /// What the nodes run: decides what "formed" means in [`Cluster::wait_formed`].
+    strategy: Strategy,
     /// Declared after `nodes` so the processes die before their files are removed.
     dir: tempfile::TempDir,
 }
@@ -270,6 +272,7 @@ impl Cluster {
 
         let mut cluster = Cluster {
             nodes: Vec::with_capacity(spec.nodes),
+            strategy: spec.strategy,
             dir,
         };
         for index in 0..spec.nodes {
@@ -341,11 +344,28 @@ impl Cluster {
 
     /// Waits until every live node's `GET /healthcheck` answers 200.
     ///
-    /// Gossip nodes that need the mesh formed first can use [`Cluster::wait_until`] with a
-    /// check on the health body.
+    /// Gossip nodes that need the mesh formed first: [`Cluster::wait_formed`].
     pub async fn wait_ready(&mut self, timeout: Duration) -> Result<(), ClusterError> {
         self.wait_until(timeout, |health| health.status == 200)
             .await
+    }
+
+    /// Waits until every live node answers 200 and, for gossip, reports at least every other
+    /// live node as a live peer (`peers: N live` in its health body), so that measurements
+    /// start on a formed mesh. For standalone this is [`Cluster::wait_ready`].
+    ///
+    /// "At least": a killed node may still look live to the others until failure detection
+    /// catches up. A gossip node whose health body has no peer count never counts as formed,
+    /// so a change of that format fails loudly (the error shows the body).
+    pub async fn wait_formed(&mut self, timeout: Duration) -> Result<(), ClusterError> {
+        if self.strategy != Strategy::Gossip {
+            return self.wait_ready(timeout).await;
+        }
+        let others = self.live().count().saturating_sub(1);
+        self.wait_until(timeout, |health| {
+            health.status == 200 && live_peers(&health.body).is_some_and(|n| n >= others)
+        })
+        .await
     }
 
     /// Polls every live node's `GET /healthcheck` (every 50 ms, each probe bounded to 1 s)
@@ -404,6 +424,18 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// The live peer count in a gossip node's health body (`OK`, then `peers: N live, M dead`).
+pub fn live_peers(health_body: &str) -> Option<usize> {
+    health_body.lines().find_map(|line| {
+        line.trim()
+            .strip_prefix("peers:")?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
 }
 
 /// `n` loopback UDP addresses that were free a moment ago. All sockets are held until all
@@ -690,6 +722,14 @@ mod tests {
             parse_listening("listening grpc=nope admin=127.0.0.1:2"),
             None
         );
+    }
+
+    #[test]
+    fn live_peers_are_read_from_the_gossip_health_body() {
+        assert_eq!(live_peers("OK\npeers: 8 live, 0 dead\n"), Some(8));
+        assert_eq!(live_peers("OK\npeers: 0 live, 2 dead"), Some(0));
+        assert_eq!(live_peers("OK\n"), None);
+        assert_eq!(live_peers("OK\npeers: many\n"), None);
     }
 
     #[test]

@@ -198,17 +198,18 @@ impl Experiment {
         Ok(())
     }
 
-    /// Starts the cluster, waits until every node is healthy, runs, and stops the cluster.
+    /// Starts the cluster, waits until it is formed (every node healthy; for gossip, every node
+    /// seeing all the others), runs, and stops the cluster.
     pub async fn run(&self) -> Result<Report, ExperimentError> {
         self.validate()?;
         let spec = self.cluster_spec();
         let mut cluster = tokio::task::spawn_blocking(move || Cluster::start(&spec)).await??;
-        cluster.wait_ready(self.ready_timeout).await?;
+        cluster.wait_formed(self.ready_timeout).await?;
         self.run_on(&mut cluster).await
     }
 
-    /// Runs the load on an already started (and ready) cluster: for runs that need their own
-    /// readiness check, e.g. a formed gossip mesh.
+    /// Runs the load on an already started (and ready) cluster: for runs that prepare the
+    /// cluster themselves (their own readiness check, a node to kill later).
     pub async fn run_on(&self, cluster: &mut Cluster) -> Result<Report, ExperimentError> {
         self.validate()?;
         let window = self.window();
@@ -230,7 +231,7 @@ impl Experiment {
         workload.clients_per_node = self.clients_per_node;
         workload.request_timeout = self.request_timeout;
 
-        let observations = workload::run(&workload, &cluster.grpc_addrs()).await?;
+        let load = workload::run(&workload, &cluster.grpc_addrs()).await?;
         if let Some((node, status, stderr)) = cluster.exited().into_iter().next() {
             return Err(ExperimentError::NodeExited {
                 node,
@@ -238,13 +239,13 @@ impl Experiment {
                 stderr,
             });
         }
-        let windows = truth::analyse(&observations, self.limit, window, Some(measured));
+        let windows = truth::analyse(&load.observations, self.limit, window, Some(measured));
         Ok(Report::new(
             self.run_info(),
             self.limit,
             window,
             windows,
-            &observations,
+            &load,
         ))
     }
 }

@@ -24,4 +24,4 @@ pub use cluster::{
 pub use experiment::{bench_rules, Experiment, ExperimentError};
 pub use report::{Latency, Report, ReportError, RunInfo, Summary};
 pub use truth::{analyse, Observation, Outcome, WindowTruth};
-pub use workload::{Workload, WorkloadError};
+pub use workload::{Load, Workload, WorkloadError};

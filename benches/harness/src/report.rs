@@ -28,6 +28,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::truth::{window_index, window_micros, Observation, Outcome, WindowTruth};
+use crate::workload::Load;
 
 /// What was run: enough to reproduce it and to label a comparison.
 #[derive(Debug, Clone, Serialize)]
@@ -104,6 +105,9 @@ pub struct Summary {
     pub errors: u64,
     /// Calls that straddled a window boundary (attribution uncertain).
     pub ambiguous: u64,
+    /// Scheduled calls the clients dropped, over the whole run, because they ran too far
+    /// behind (see [`crate::workload`]): non-zero means the load generator fell short.
+    pub skipped: u64,
     /// Round-trip latency of decided calls.
     pub latency: Latency,
 }
@@ -137,16 +141,17 @@ pub enum ReportError {
 }
 
 impl Report {
-    /// Builds the report of a run from its per-window truth and its raw observations (for
-    /// latency, which is taken over calls sent in the reported windows).
+    /// Builds the report of a run from its per-window truth and what the load produced (its
+    /// observations give the latency, taken over calls sent in the reported windows).
     pub fn new(
         run: RunInfo,
         limit: u64,
         window: Duration,
         windows: Vec<WindowTruth>,
-        observations: &[Observation],
+        load: &Load,
     ) -> Report {
-        let summary = summarise(limit, window, &windows, observations);
+        let mut summary = summarise(limit, window, &windows, &load.observations);
+        summary.skipped = load.skipped;
         Report {
             run,
             summary,
@@ -203,8 +208,8 @@ impl Report {
                 ),
             ),
             (
-                "errors / ambiguous",
-                format!("{} / {}", s.errors, s.ambiguous),
+                "errors / ambiguous / skipped",
+                format!("{} / {} / {}", s.errors, s.ambiguous, s.skipped),
             ),
         ];
         out.push_str("| metric | value |\n| --- | --- |\n");
@@ -322,6 +327,8 @@ pub fn summarise(
         throughput_rps: decided as f64 / measured_secs,
         errors: sum(|w| w.errors),
         ambiguous: sum(|w| w.ambiguous),
+        // Only the load knows what it did not send; Report::new fills it in.
+        skipped: 0,
         latency,
     }
 }
@@ -401,7 +408,11 @@ mod tests {
             window(10, 200, 120, 80, 100),
             window(11, 200, 100, 100, 100),
         ];
-        let report = Report::new(run_info(), 100, Duration::from_secs(1), windows, &[]);
+        let load = Load {
+            observations: Vec::new(),
+            skipped: 3,
+        };
+        let report = Report::new(run_info(), 100, Duration::from_secs(1), windows, &load);
         let md = report.to_markdown();
         assert!(md.contains("| overshoot mean | 10.00 % |"), "{md}");
         assert!(
@@ -412,6 +423,7 @@ mod tests {
         assert_eq!(json["summary"]["overshoot_worst_pct"], 20.0);
         assert_eq!(json["windows"][0]["admitted"], 120);
         assert_eq!(json["run"]["strategy"], "standalone");
+        assert_eq!(json["summary"]["skipped"], 3);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.json");
         report.write_json(&path).unwrap();

@@ -14,9 +14,15 @@
 //! rate a run actually offered is reported next to the target, so a client that could not keep
 //! up (more latency than `clients_per_node / rate` allows) is visible, not hidden.
 //!
+//! Catching up is capped: a tick that comes due more than `max_lag` after its scheduled time is
+//! dropped (counted in [`Load::skipped`]) instead of sent. Without the cap, a client that fell
+//! behind during a slow stretch (start-up, a latency spike) would pay the backlog back later
+//! in one burst, and a measured window would see, say, 3 % more load than asked for while an
+//! earlier one saw less. With it, bursts stay within `max_lag` worth of calls.
+//!
 //! Clients start at evenly staggered offsets within one period so that they do not all fire in
 //! the same millisecond. Every client loop is bounded twice: by the deadline and by a count of
-//! `ceil(rate × duration)` calls; every call is bounded by `request_timeout`.
+//! `ceil(rate × duration)` ticks; every call is bounded by `request_timeout`.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -53,11 +59,24 @@ pub struct Workload {
     pub request_timeout: Duration,
     /// Bound on connecting each client before the load starts.
     pub connect_timeout: Duration,
+    /// How far behind schedule a client may run and still catch up; ticks later than this are
+    /// dropped, so a backlog never turns into a burst of more than `max_lag` worth of calls.
+    pub max_lag: Duration,
+}
+
+/// What a workload run produced.
+#[derive(Debug, Clone, Default)]
+pub struct Load {
+    /// Every call made, sorted by send time.
+    pub observations: Vec<Observation>,
+    /// Scheduled calls not made because their client was more than `max_lag` behind: a
+    /// measure of how far the load generator fell short of the target rate.
+    pub skipped: u64,
 }
 
 impl Workload {
-    /// A workload on one descriptor with even spread, 4 clients per node, a 1 s call timeout
-    /// and a 5 s connect timeout.
+    /// A workload on one descriptor with even spread, 4 clients per node, a 1 s call timeout,
+    /// a 5 s connect timeout and a 20 ms catch-up limit.
     pub fn new(
         domain: impl Into<String>,
         entries: Vec<(String, String)>,
@@ -73,6 +92,7 @@ impl Workload {
             duration,
             request_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(5),
+            max_lag: Duration::from_millis(20),
         }
     }
 
@@ -174,18 +194,15 @@ struct ClientPlan {
     period: Duration,
     /// When its first call goes out (staggered).
     first: tokio::time::Instant,
-    /// Its bound on the number of calls.
-    max_calls: usize,
+    /// Its bound on the number of ticks (calls made plus calls skipped).
+    max_ticks: usize,
 }
 
 /// Offers `workload` to `targets` (gRPC addresses, in node order) and returns every call it
 /// made, sorted by send time.
 ///
 /// All clients connect before the clock starts; the load then runs for `workload.duration`.
-pub async fn run(
-    workload: &Workload,
-    targets: &[SocketAddr],
-) -> Result<Vec<Observation>, WorkloadError> {
+pub async fn run(workload: &Workload, targets: &[SocketAddr]) -> Result<Load, WorkloadError> {
     workload.validate(targets.len())?;
     let rates = workload.rates_per_target(targets.len())?;
     let clients_total = rates.iter().filter(|r| **r > 0.0).count() * workload.clients_per_node;
@@ -214,22 +231,25 @@ pub async fn run(
             client,
             period,
             first: start + period.mul_f64(k as f64 / clients_total as f64),
-            max_calls: (client_rate * workload.duration.as_secs_f64()).ceil() as usize,
+            max_ticks: (client_rate * workload.duration.as_secs_f64()).ceil() as usize,
         };
         tasks.push(tokio::spawn(client_loop(
             plan,
             request.clone(),
             deadline,
             workload.request_timeout,
+            workload.max_lag,
         )));
     }
 
-    let mut observations = Vec::new();
+    let mut load = Load::default();
     for task in tasks {
-        observations.extend(task.await?);
+        let (observations, skipped) = task.await?;
+        load.observations.extend(observations);
+        load.skipped += skipped;
     }
-    observations.sort_by_key(|o| o.sent_us);
-    Ok(observations)
+    load.observations.sort_by_key(|o| o.sent_us);
+    Ok(load)
 }
 
 async fn connect(
@@ -247,25 +267,30 @@ async fn connect(
     Ok(RateLimitServiceClient::new(channel))
 }
 
-/// One client: a call per tick until the deadline or its call budget, whichever comes first.
+/// One client: a call per tick until the deadline or its tick budget, whichever comes first.
+/// Returns the calls made and the number of ticks dropped for running behind.
 async fn client_loop(
     mut plan: ClientPlan,
     request: RateLimitRequest,
     deadline: tokio::time::Instant,
     request_timeout: Duration,
-) -> Vec<Observation> {
+    max_lag: Duration,
+) -> (Vec<Observation>, u64) {
     let mut ticks = tokio::time::interval_at(plan.first, plan.period);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Burst);
-    let mut out = Vec::with_capacity(plan.max_calls);
-    while out.len() < plan.max_calls {
-        if tokio::time::timeout_at(deadline, ticks.tick())
-            .await
-            .is_err()
-        {
+    let mut out = Vec::with_capacity(plan.max_ticks);
+    let mut skipped = 0u64;
+    for _ in 0..plan.max_ticks {
+        let Ok(scheduled) = tokio::time::timeout_at(deadline, ticks.tick()).await else {
+            break;
+        };
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
             break;
         }
-        if tokio::time::Instant::now() >= deadline {
-            break;
+        if now.saturating_duration_since(scheduled) > max_lag {
+            skipped += 1;
+            continue;
         }
         let sent_us = unix_micros(SystemTime::now());
         let sent = Instant::now();
@@ -292,7 +317,7 @@ async fn client_loop(
             outcome,
         });
     }
-    out
+    (out, skipped)
 }
 
 /// Microseconds since the Unix epoch (0 for a clock set before 1970).

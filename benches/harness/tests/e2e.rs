@@ -154,3 +154,51 @@ fn a_node_that_cannot_parse_its_flags_fails_to_start_with_its_stderr() {
     assert!(text.contains("did not start"), "{text}");
     assert!(text.contains("--no-such-flag"), "{text}");
 }
+
+#[test]
+fn the_overshoot_binary_prints_the_table_and_writes_json() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("report.json");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_overshoot"))
+        .args(["--nodes", "1", "--strategy", "standalone", "--limit", "20"])
+        .args(["--load", "2", "--windows", "1", "--warmup", "0"])
+        .args(["--clients-per-node", "1", "--env", "RUST_LOG=warn"])
+        .arg("--binary")
+        .arg(hivemind())
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("run overshoot");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("| overshoot mean | 0.00 % |"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json written")).unwrap();
+    assert_eq!(report["summary"]["windows"], 1);
+    assert_eq!(report["run"]["env"][0][0], "RUST_LOG");
+    assert_eq!(report["windows"][0]["overshoot"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gossip_cluster_forms_and_reports_its_mesh_addresses() {
+    let mut spec = ClusterSpec::new(
+        hivemind(),
+        Strategy::Gossip,
+        3,
+        hivemind_harness::bench_rules(10, Unit::Second),
+    );
+    spec.env = vec![("HIVEMIND_MESH__GOSSIP_INTERVAL".into(), "100ms".into())];
+    let mut cluster = tokio::task::spawn_blocking(move || Cluster::start(&spec))
+        .await
+        .unwrap()
+        .expect("start");
+    cluster
+        .wait_formed(Duration::from_secs(15))
+        .await
+        .expect("every node sees the two others");
+    let mut mesh: Vec<_> = cluster.live().map(|n| n.mesh.expect("mesh addr")).collect();
+    mesh.sort();
+    mesh.dedup();
+    assert_eq!(mesh.len(), 3);
+}
