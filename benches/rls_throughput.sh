@@ -6,6 +6,9 @@
 # measured in one run, not absolute numbers across machines.
 #
 #   benches/rls_throughput.sh [--strategy NAME] [DURATION_SECONDS]
+#
+# HIVEMIND_BIN=path runs that binary instead of building target/release/hivemind (to compare
+# two builds side by side).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,7 +17,11 @@ if [ "${1:-}" = "--strategy" ]; then strategy=$2; shift 2; fi
 duration=${1:-10}
 command -v h2load >/dev/null || { echo "h2load missing: apt-get install -y nghttp2-client" >&2; exit 1; }
 
-cargo build --release --quiet
+bin=${HIVEMIND_BIN:-}
+if [ -z "$bin" ]; then
+  cargo build --release --quiet
+  bin=target/release/hivemind
+fi
 work=$(mktemp -d)
 trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 
@@ -37,7 +44,7 @@ request = field(1, b"bench") + field(2, field(1, entry))
 open(sys.argv[1], "wb").write(b"\0" + struct.pack(">I", len(request)) + request)
 PY
 
-target/release/hivemind -c "$work/rules.yaml" -a 127.0.0.1:0 --admin-addr 127.0.0.1:0 \
+"$bin" -c "$work/rules.yaml" -a 127.0.0.1:0 --admin-addr 127.0.0.1:0 \
   --mesh-addr 127.0.0.1:0 --strategy "$strategy" > "$work/stdout" 2> "$work/stderr" &
 pid=$!
 for _ in $(seq 100); do grep -q 'listening' "$work/stdout" && break; sleep 0.1; done
