@@ -152,3 +152,14 @@ fn sigterm_drains_and_exits_zero() {
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("shutdown complete"), "{stderr}");
 }
+
+#[test]
+fn check_config_redacts_the_mesh_secret() {
+    let (code, stdout, stderr) = run(hivemind()
+        .arg("--check-config")
+        .env("HIVEMIND_MESH__SECRET", "hunter2-very-secret"));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("secret: <redacted>"), "{stdout}");
+    assert!(!stdout.contains("hunter2"), "{stdout}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
