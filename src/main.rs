@@ -35,13 +35,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         let listeners = Listeners::bind(&settings).await?;
         let (grpc, admin) = listeners.local_addrs().context("reading bound addresses")?;
-        // One line on stdout that scripts and tests can wait for; logs go to stderr.
-        match listeners.mesh_addr() {
-            Some(mesh) => println!("listening grpc={grpc} admin={admin} mesh={mesh}"),
-            None => println!("listening grpc={grpc} admin={admin}"),
-        }
-        tracing::info!(%grpc, %admin, strategy = settings.strategy.as_str(), "hivemind serving");
-        server::run(settings, listeners, server::shutdown_signal()).await?;
+        let mesh = listeners.mesh_addr();
+        let strategy = settings.strategy.as_str();
+        // One line on stdout that scripts and tests can wait for, once the server answers;
+        // logs go to stderr.
+        let ready = move || {
+            match mesh {
+                Some(mesh) => println!("listening grpc={grpc} admin={admin} mesh={mesh}"),
+                None => println!("listening grpc={grpc} admin={admin}"),
+            }
+            tracing::info!(%grpc, %admin, strategy, "hivemind serving");
+        };
+        server::run_with_ready(settings, listeners, server::shutdown_signal(), ready).await?;
         Ok(ExitCode::SUCCESS)
     })
 }

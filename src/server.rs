@@ -195,6 +195,18 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    run_with_ready(settings, listeners, shutdown, || {}).await
+}
+
+/// [`run`], calling `ready` once the rules are loaded, the strategy is up and the servers
+/// accept calls (the binary prints its `listening` line there, so a line seen means a server
+/// that answers).
+pub async fn run_with_ready(
+    settings: Settings,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+    ready: impl FnOnce(),
+) -> Result<(), ServerError> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let (rules, source) = load_rules(&settings)?;
     info!(
@@ -268,6 +280,7 @@ pub async fn run(
 
     let grpc = tokio::spawn(grpc);
     let admin = tokio::spawn(async move { admin.await });
+    ready();
     shutdown.await;
 
     info!("shutting down: no new connections, draining in-flight calls");

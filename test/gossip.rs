@@ -103,19 +103,22 @@ fn three_processes_share_counts_and_survive_a_kill() {
     let health = http_get(a.admin_addr, "/healthcheck").unwrap();
     assert!(health.body.contains("peers: 2 live"), "{}", health.body);
 
-    // 10 hits on c: a and b soon count them.
-    for _ in 0..10 {
+    // 30 hits of 60 on c: past half the limit, so every change goes out at once (keys far
+    // below their limit are published lazily). a and b soon count them.
+    for _ in 0..30 {
         assert_eq!(hit(&c, "shared").0, 200);
     }
-    wait_for(Duration::from_secs(5), "a sees c's hits", || {
-        // 60 - 10 (c) - 1 (this hit on a) - a's earlier polls; remaining drops by more than 1
-        // per poll once c's count arrives.
-        hit(&a, "probe").1 < 60 && mesh(&a)["peer_keys"].as_u64() >= Some(1)
-    });
+    for s in [&a, &b] {
+        wait_for(Duration::from_secs(5), "a and b hear of c's key", || {
+            mesh(s)["peer_keys"].as_u64() >= Some(1)
+        });
+    }
+    // The key may have gone out mid-burst: give the last changes a few rounds (100 ms each).
+    std::thread::sleep(Duration::from_millis(500));
     let (_, remaining) = hit(&b, "shared");
     assert!(
-        remaining <= 49,
-        "b counts c's 10 hits: remaining {remaining}"
+        remaining <= 29,
+        "b counts c's 30 hits: remaining {remaining}"
     );
 
     // Kill c: a and b keep answering, and c's hits still count until the window ends.
@@ -126,7 +129,7 @@ fn three_processes_share_counts_and_survive_a_kill() {
     let (status, remaining) = hit(&a, "shared");
     assert_eq!(status, 200);
     assert!(
-        remaining <= 48,
+        remaining <= 29,
         "c's hits still count: remaining {remaining}"
     );
 }
