@@ -328,37 +328,36 @@ impl SyncStrategy for Gossip {
         let shared = &self.shared;
         let now_millis = millis_tag(now);
         let horizon = shared.admission.read_horizon();
-        // Per hit: (what admission counts against the limit, the peers' estimate to report).
-        let offsets: Vec<(u32, u32)> = batch
-            .iter()
-            .map(|hit| {
-                let unit = hit.limit.unit;
-                let peers = shared.view.estimate(
-                    key_hash(&hit.key),
-                    window_tag(now, unit),
-                    now_millis,
-                    horizon,
-                );
-                let own = if shared.admission.needs_own_count(&peers) {
-                    shared.counters.count(&hit.key, unit, now)
-                } else {
-                    0
-                };
-                let admission = shared
-                    .admission
-                    .offset(&peers, own, hit.limit.requests_per_unit);
-                (admission, shared.admission.counted(&peers))
-            })
-            .collect();
-        let admission: Vec<u32> = offsets.iter().map(|(a, _)| *a).collect();
-        let mut decisions = shared.counters.check_with_offsets(batch, &admission, now);
+        // One buffer: what admission counts against each hit's limit (first half), then the
+        // peers' estimate each decision reports (second half).
+        let n = batch.len();
+        let mut offsets = vec![0u32; 2 * n];
+        for (i, hit) in batch.iter().enumerate() {
+            let unit = hit.limit.unit;
+            let peers = shared.view.estimate(
+                key_hash(&hit.key),
+                window_tag(now, unit),
+                now_millis,
+                horizon,
+            );
+            let own = if shared.admission.needs_own_count(&peers) {
+                shared.counters.count(&hit.key, unit, now)
+            } else {
+                0
+            };
+            offsets[i] = shared
+                .admission
+                .offset(&peers, own, hit.limit.requests_per_unit);
+            offsets[n + i] = shared.admission.counted(&peers);
+        }
+        let (admission, counted) = offsets.split_at(n);
+        let mut decisions = shared.counters.check_with_offsets(batch, admission, now);
         // Report own + peers' estimate: the fair-share reserve decides, but is not a count.
-        for ((hit, decision), (admission, counted)) in batch.iter().zip(&mut decisions).zip(offsets)
-        {
+        for (i, (hit, decision)) in batch.iter().zip(&mut decisions).enumerate() {
             decision.count = decision
                 .count
-                .saturating_sub(admission)
-                .saturating_add(counted);
+                .saturating_sub(admission[i])
+                .saturating_add(counted[i]);
             if !decision.over_limit {
                 decision.remaining = hit.limit.requests_per_unit.saturating_sub(decision.count);
             }
