@@ -30,6 +30,9 @@ use crate::wire::{decode_entry_key, key_hash, millis_tag, CountEntry, COUNTER_PR
 /// dropped (and counted): the next publication of the same key supersedes them anyway.
 const ABSORB_QUEUE: usize = 65_536;
 
+/// Publications applied before new keys are flushed to readers.
+const ABSORB_BATCH: usize = 4_096;
+
 /// How often membership is polled for join/leave logs and the admin view.
 const MEMBERSHIP_POLL: Duration = Duration::from_millis(500);
 
@@ -419,17 +422,27 @@ async fn absorb(
     loop {
         tokio::select! {
             received = rx.recv() => {
-                let Some((node, hash, entry)) = received else { return };
-                let index = match nodes.get(&node) {
-                    Some(index) => *index,
-                    None => {
-                        let index = tracker
-                            .node_index(&format!("{}/{}", node.node_id, node.generation_id));
-                        nodes.insert(node, index);
-                        index
+                let Some(first) = received else { return };
+                // Apply what is queued (bounded), then publish new keys to readers at once.
+                let mut next = Some(first);
+                let mut applied = 0;
+                while let Some((node, hash, entry)) = next.take() {
+                    let index = match nodes.get(&node) {
+                        Some(index) => *index,
+                        None => {
+                            let index = tracker
+                                .node_index(&format!("{}/{}", node.node_id, node.generation_id));
+                            nodes.insert(node, index);
+                            index
+                        }
+                    };
+                    tracker.apply(&shared.view, index, hash, entry, clock.now());
+                    applied += 1;
+                    if applied < ABSORB_BATCH {
+                        next = rx.try_recv().ok();
                     }
-                };
-                tracker.apply(&shared.view, index, hash, entry, clock.now());
+                }
+                shared.view.flush();
             }
             _ = tick.tick() => {
                 tracker.tick(&shared.view, clock.now());

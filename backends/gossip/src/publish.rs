@@ -394,6 +394,7 @@ mod tests {
             at_millis: millis_tag(T0),
         };
         tracker.apply(&view, peer, key_hash("shared"), entry, T0);
+        view.flush();
         let mut publisher = Publisher::new();
         let mut now = T0;
         for _ in 0..20 {

@@ -3,24 +3,26 @@
 //!
 //! [`PeerTracker`] (the writer, owned by one task, no locks) keeps each peer's last published
 //! count per counter key, estimates each peer's rate from successive publications, and folds
-//! them into one [`PeerSlot`] per key in the shared [`PeerView`]. A slot is three atomics, so a
-//! request reads a key's peer count, the peers' summed rate and the age of that information
-//! with a shard read lock and three loads: it never waits on chitchat or on the writer, except
-//! for the instant the writer inserts a new key into the same shard.
+//! them into one [`PeerSlot`] per key in the shared [`PeerView`]. A slot is three atomics in a
+//! copy-on-write shard, so a request reads a key's peer count, the peers' summed rate and the
+//! age of that information with one `ArcSwap` load and three atomic loads: it never takes a
+//! lock, and never waits on chitchat or on the writer.
 //!
 //! The global count of a key is a G-counter: the sum over nodes of each node's own count in the
 //! window, never a maximum. A node that dies keeps its last counts until their window ends.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use arc_swap::ArcSwap;
 
 use hivemind_core::{window_tag, UnixTime, Window};
 
 use crate::wire::{millis_since, millis_tag, CountEntry};
 
-/// Shards of the view: enough to keep the writer's inserts off most readers' shards.
-const SHARDS: usize = 16;
+/// Shards of the view: a new key copies only its shard's map.
+const SHARDS: usize = 64;
 
 /// The peers' part of one counter key, as the request path reads it.
 #[derive(Debug, Default)]
@@ -32,6 +34,14 @@ pub struct PeerSlot {
     trend: AtomicU64,
     /// This node's own recent rate on the key (f32 bits, hits/s), for the fair share.
     own_rate: AtomicU32,
+}
+
+impl PeerSlot {
+    fn write(&self, window: u32, sum: u32, rate: f32, as_of: u32) {
+        self.trend
+            .store(pack(rate.to_bits(), as_of), Ordering::Release);
+        self.counts.store(pack(window, sum), Ordering::Release);
+    }
 }
 
 /// What a request learns of its peers for one key in one window.
@@ -54,17 +64,39 @@ impl PeerEstimate {
     }
 }
 
-/// The shared, read-mostly map of counter key hash → [`PeerSlot`].
+/// One shard: key hash → slot. Replaced whole (copy-on-write) when keys come or go.
+type Shard = HashMap<u64, Arc<PeerSlot>, foldhash::fast::RandomState>;
+
+/// Keys added or removed by the writer since the last [`PeerView::flush`].
+#[derive(Debug, Default)]
+struct Pending {
+    /// New slots (already carrying their counts), published to readers at the next flush.
+    inserts: HashMap<u64, Arc<PeerSlot>, foldhash::fast::RandomState>,
+    /// Keys to drop at the next flush.
+    removals: Vec<u64>,
+}
+
+/// The shared map of counter key hash → [`PeerSlot`].
+///
+/// Readers never lock: each shard is an immutable map behind an [`ArcSwap`], and a slot's
+/// counts are atomics. The single writer ([`PeerTracker`]'s task) updates existing slots in
+/// place; new and dropped keys are batched and published shard by shard in
+/// [`flush`](PeerView::flush), which copies only the shards that changed.
 #[derive(Debug)]
 pub struct PeerView {
     /// Sharded by the key hash's high bits.
-    shards: Box<[RwLock<HashMap<u64, PeerSlot, foldhash::fast::RandomState>>]>,
+    shards: Box<[ArcSwap<Shard>]>,
+    /// Writer-side batch of structural changes (readers never touch it).
+    pending: Mutex<Pending>,
 }
 
 impl Default for PeerView {
     fn default() -> Self {
         PeerView {
-            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            shards: (0..SHARDS)
+                .map(|_| ArcSwap::from_pointee(Shard::default()))
+                .collect(),
+            pending: Mutex::default(),
         }
     }
 }
@@ -77,11 +109,11 @@ fn unpack(v: u64) -> (u32, u32) {
     ((v >> 32) as u32, v as u32)
 }
 
-impl PeerView {
-    fn shard(&self, hash: u64) -> &RwLock<HashMap<u64, PeerSlot, foldhash::fast::RandomState>> {
-        &self.shards[(hash >> 60) as usize % SHARDS]
-    }
+fn shard_of(hash: u64) -> usize {
+    (hash >> 58) as usize % SHARDS
+}
 
+impl PeerView {
     /// The peers' count for `hash` in `window` at `now_millis`; `horizon_millis` caps how far
     /// the peers' counts are extrapolated (0 turns extrapolation off).
     pub fn estimate(
@@ -91,10 +123,7 @@ impl PeerView {
         now_millis: u32,
         horizon_millis: u32,
     ) -> PeerEstimate {
-        let shard = self
-            .shard(hash)
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
+        let shard = self.shards[shard_of(hash)].load();
         let Some(slot) = shard.get(&hash) else {
             return PeerEstimate::default();
         };
@@ -121,54 +150,65 @@ impl PeerView {
     /// Records this node's own rate on a key the peers also count (keys only this node counts
     /// need no fair share and get no slot).
     pub fn set_own_rate(&self, hash: u64, rate: f32) {
-        let shard = self
-            .shard(hash)
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(slot) = shard.get(&hash) {
+        if let Some(slot) = self.shards[shard_of(hash)].load().get(&hash) {
             slot.own_rate.store(rate.to_bits(), Ordering::Relaxed);
         }
     }
 
     fn store(&self, hash: u64, window: u32, sum: u32, rate: f32, as_of: u32) {
-        let write = |slot: &PeerSlot| {
-            slot.trend
-                .store(pack(rate.to_bits(), as_of), Ordering::Release);
-            slot.counts.store(pack(window, sum), Ordering::Release);
-        };
-        {
-            let shard = self
-                .shard(hash)
-                .read()
-                .unwrap_or_else(PoisonError::into_inner);
-            if let Some(slot) = shard.get(&hash) {
-                write(slot);
-                return;
-            }
+        if let Some(slot) = self.shards[shard_of(hash)].load().get(&hash) {
+            slot.write(window, sum, rate, as_of);
+            return;
         }
-        let mut shard = self
-            .shard(hash)
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        write(shard.entry(hash).or_default());
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        pending.removals.retain(|h| *h != hash);
+        pending
+            .inserts
+            .entry(hash)
+            .or_default()
+            .write(window, sum, rate, as_of);
     }
 
     fn remove(&self, hash: u64) {
-        self.shard(hash)
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&hash);
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        pending.inserts.remove(&hash);
+        pending.removals.push(hash);
     }
 
-    /// Keys held (for stats).
+    /// Publishes the writer's new and dropped keys to readers, copying each changed shard
+    /// once. The writer calls it after each batch of updates.
+    pub fn flush(&self) {
+        let pending =
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
+        if pending.inserts.is_empty() && pending.removals.is_empty() {
+            return;
+        }
+        let mut changed: Vec<Option<Shard>> = (0..SHARDS).map(|_| None).collect();
+        for hash in pending.removals {
+            let i = shard_of(hash);
+            changed[i]
+                .get_or_insert_with(|| (**self.shards[i].load()).clone())
+                .remove(&hash);
+        }
+        for (hash, slot) in pending.inserts {
+            let i = shard_of(hash);
+            changed[i]
+                .get_or_insert_with(|| (**self.shards[i].load()).clone())
+                .insert(hash, slot);
+        }
+        for (i, shard) in changed.into_iter().enumerate() {
+            if let Some(shard) = shard {
+                self.shards[i].store(Arc::new(shard));
+            }
+        }
+    }
+
+    /// Keys readers can see (for stats).
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.read().unwrap_or_else(PoisonError::into_inner).len())
-            .sum()
+        self.shards.iter().map(|s| s.load().len()).sum()
     }
 
-    /// Whether no key is held.
+    /// Whether readers see no key.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -214,7 +254,8 @@ impl PeerTracker {
     }
 
     /// Applies one publication of `node` for key `hash`, received at `now`, and refreshes the
-    /// key's slot in `view`.
+    /// key's slot in `view`. A key new to the view is visible to readers after the next
+    /// [`PeerView::flush`] (the caller batches them).
     pub fn apply(
         &mut self,
         view: &PeerView,
@@ -311,6 +352,7 @@ impl PeerTracker {
             }
             true
         });
+        view.flush();
         dropped
     }
 
@@ -348,8 +390,11 @@ mod tests {
         let mut tracker = PeerTracker::new(1_000);
         let (a, b) = (tracker.node_index("a/1"), tracker.node_index("b/1"));
         tracker.apply(&view, a, 7, entry(10, T0), T0);
+        view.flush();
         tracker.apply(&view, b, 7, entry(5, T0), T0);
+        view.flush();
         tracker.apply(&view, a, 7, entry(12, T0.plus(ms(100))), T0.plus(ms(100)));
+        view.flush();
         let w = window_tag(T0, Unit::Minute);
         let est = view.estimate(7, w, millis_tag(T0.plus(ms(100))), 0);
         assert_eq!(est.published, 17);
@@ -364,8 +409,11 @@ mod tests {
         let mut tracker = PeerTracker::new(1_000);
         let a = tracker.node_index("a/1");
         tracker.apply(&view, a, 1, entry(10, T0.plus(ms(200))), T0.plus(ms(200)));
+        view.flush();
         tracker.apply(&view, a, 1, entry(4, T0.plus(ms(100))), T0.plus(ms(300)));
+        view.flush();
         tracker.apply(&view, a, 1, entry(4, T0.plus(ms(200))), T0.plus(ms(300)));
+        view.flush();
         let w = window_tag(T0, Unit::Minute);
         assert_eq!(view.estimate(1, w, millis_tag(T0), 0).published, 10);
     }
@@ -379,6 +427,7 @@ mod tests {
         for i in 0..5u64 {
             let at = T0.plus(ms(100 * i));
             tracker.apply(&view, a, 1, entry(100 * i as u32, at), at);
+            view.flush();
         }
         let last = T0.plus(ms(400));
         let w = window_tag(T0, Unit::Minute);
@@ -401,6 +450,7 @@ mod tests {
         let mut tracker = PeerTracker::new(500);
         let a = tracker.node_index("a/1");
         tracker.apply(&view, a, 1, entry(30, T0), T0);
+        view.flush();
         let w = window_tag(T0, Unit::Minute);
         assert_eq!(tracker.tick(&view, T0.plus(Duration::from_secs(10))), 0);
         assert_eq!(view.estimate(1, w, 0, 0).published, 30);
@@ -418,9 +468,34 @@ mod tests {
         let new = tracker.node_index("a/2");
         assert_ne!(old, new);
         tracker.apply(&view, old, 1, entry(30, T0), T0);
+        view.flush();
         tracker.apply(&view, new, 1, entry(2, T0.plus(ms(10))), T0.plus(ms(10)));
+        view.flush();
         let w = window_tag(T0, Unit::Minute);
         assert_eq!(view.estimate(1, w, 0, 0).published, 32);
+    }
+
+    #[test]
+    fn new_keys_reach_readers_at_the_flush_and_updates_in_place() {
+        let view = PeerView::default();
+        let mut tracker = PeerTracker::new(500);
+        let a = tracker.node_index("a/1");
+        let w = window_tag(T0, Unit::Minute);
+        for hash in 0..1_000u64 {
+            tracker.apply(&view, a, hash << 50, entry(1, T0), T0);
+        }
+        assert!(view.is_empty(), "nothing published before the flush");
+        view.flush();
+        assert_eq!(view.len(), 1_000);
+        // An existing key changes in place, visible at once.
+        tracker.apply(
+            &view,
+            a,
+            5 << 50,
+            entry(9, T0.plus(ms(10))),
+            T0.plus(ms(10)),
+        );
+        assert_eq!(view.estimate(5 << 50, w, 0, 0).published, 9);
     }
 
     #[test]
@@ -431,6 +506,7 @@ mod tests {
         let mut tracker = PeerTracker::new(500);
         let a = tracker.node_index("a/1");
         tracker.apply(&view, a, 1, entry(3, T0), T0);
+        view.flush();
         view.set_own_rate(1, 5.0);
         let w = window_tag(T0, Unit::Minute);
         assert_eq!(view.estimate(1, w, 0, 0).own_rate, 5.0);
