@@ -5,7 +5,7 @@ mod inproc;
 
 use bytes::{Buf, BufMut};
 use hivemind::proto::{Code, RateLimitRequest};
-use inproc::{descriptor, request, InProc};
+use inproc::{ask, descriptor, request, InProc};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::Code as GrpcCode;
 
@@ -154,14 +154,7 @@ async fn sixty_four_kib_values_are_limited_like_any_other() {
     let mut client = server.client().await;
     let mut codes = Vec::new();
     for _ in 0..6 {
-        codes.push(
-            client
-                .should_rate_limit(req.clone())
-                .await
-                .unwrap()
-                .into_inner()
-                .overall_code,
-        );
+        codes.push(ask(&mut client, req.clone()).await.overall_code);
     }
     let ok = Code::Ok as i32;
     let over = Code::OverLimit as i32;
@@ -184,21 +177,13 @@ async fn hits_addend_of_u32_max_is_over_and_consumes_nothing() {
     let mut client = server.client().await;
     let mut req = request("test", &[&[("k", "max")]]);
     req.hits_addend = u32::MAX;
-    let r = client
-        .should_rate_limit(req.clone())
-        .await
-        .unwrap()
-        .into_inner();
+    let r = ask(&mut client, req.clone()).await;
     assert_eq!(r.overall_code, Code::OverLimit as i32);
     // A 64-bit per-descriptor addend is clamped, not wrapped.
     req.descriptors[0].hits_addend = Some(u64::MAX);
-    let r = client.should_rate_limit(req).await.unwrap().into_inner();
+    let r = ask(&mut client, req).await;
     assert_eq!(r.overall_code, Code::OverLimit as i32);
-    let r = client
-        .should_rate_limit(request("test", &[&[("k", "max")]]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = ask(&mut client, request("test", &[&[("k", "max")]])).await;
     assert_eq!(
         r.statuses[0].limit_remaining, 4,
         "the rejected addends were counted"
@@ -303,13 +288,7 @@ async fn a_flood_of_distinct_keys_is_capped_and_still_enforced() {
     let hot = request("test", &[&[("k", "hot")]]);
     let mut over = false;
     for _ in 0..6 {
-        over = client
-            .should_rate_limit(hot.clone())
-            .await
-            .unwrap()
-            .into_inner()
-            .overall_code
-            == Code::OverLimit as i32;
+        over = ask(&mut client, hot.clone()).await.overall_code == Code::OverLimit as i32;
     }
     assert!(over);
 }

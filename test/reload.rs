@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use hivemind::proto::Code;
-use inproc::{request, InProc};
+use inproc::{ask, request, InProc};
 
 fn rules(limit: u32) -> String {
     format!(
@@ -20,11 +20,7 @@ async fn wait_for_limit(server: &InProc, value: &str, want: Option<u32>) {
     let mut client = server.client().await;
     let mut seen = None;
     for _ in 0..200 {
-        let r = client
-            .should_rate_limit(request("test", &[&[("k", value)]]))
-            .await
-            .unwrap()
-            .into_inner();
+        let r = ask(&mut client, request("test", &[&[("k", value)]])).await;
         seen = r.statuses[0]
             .current_limit
             .as_ref()
@@ -140,17 +136,9 @@ async fn a_directory_holds_one_domain_per_file() {
     })
     .await;
     let mut client = server.client().await;
-    let r = client
-        .should_rate_limit(request("other", &[&[("k", "x")]]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = ask(&mut client, request("other", &[&[("k", "x")]])).await;
     assert_eq!(r.statuses[0].limit_remaining, 0);
-    let r = client
-        .should_rate_limit(request("other", &[&[("k", "x")]]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = ask(&mut client, request("other", &[&[("k", "x")]])).await;
     assert_eq!(r.overall_code, Code::OverLimit as i32);
     wait_for_limit(&server, "a", Some(3)).await;
     // A new domain file dropped into the directory.
@@ -160,11 +148,7 @@ async fn a_directory_holds_one_domain_per_file() {
     )
     .unwrap();
     for _ in 0..200 {
-        let r = client
-            .should_rate_limit(request("third", &[&[("k", "x")]]))
-            .await
-            .unwrap()
-            .into_inner();
+        let r = ask(&mut client, request("third", &[&[("k", "x")]])).await;
         if r.statuses[0]
             .current_limit
             .as_ref()

@@ -3,8 +3,8 @@
 
 mod inproc;
 
-use hivemind::proto::{Code, ProtoUnit, RateLimitOverride, RateLimitResponse};
-use inproc::{descriptor, request, InProc};
+use hivemind::proto::{Code, ProtoUnit, RateLimitOverride, RateLimitRequest, RateLimitResponse};
+use inproc::{ask, descriptor, request, Client, InProc};
 
 const RULES: &str = r#"
 domain: test
@@ -54,6 +54,11 @@ fn codes(response: &RateLimitResponse) -> (i32, Vec<i32>) {
     )
 }
 
+/// The overall code of one call.
+async fn overall(client: &mut Client, request: RateLimitRequest) -> i32 {
+    ask(client, request).await.overall_code
+}
+
 const OK: i32 = Code::Ok as i32;
 const OVER: i32 = Code::OverLimit as i32;
 
@@ -63,11 +68,7 @@ async fn admits_up_to_the_limit_and_reports_the_window() {
     let mut client = server.client().await;
     let req = request("test", &[&[("remote_address", "10.0.0.1")]]);
     for expected_remaining in [2, 1, 0] {
-        let response = client
-            .should_rate_limit(req.clone())
-            .await
-            .unwrap()
-            .into_inner();
+        let response = ask(&mut client, req.clone()).await;
         assert_eq!(codes(&response), (OK, vec![OK]));
         let status = &response.statuses[0];
         assert_eq!(status.limit_remaining, expected_remaining);
@@ -77,16 +78,12 @@ async fn admits_up_to_the_limit_and_reports_the_window() {
         let reset = status.duration_until_reset.as_ref().expect("reset").seconds;
         assert!((1..=60).contains(&reset), "{reset}");
     }
-    let response = client
-        .should_rate_limit(req.clone())
-        .await
-        .unwrap()
-        .into_inner();
+    let response = ask(&mut client, req.clone()).await;
     assert_eq!(codes(&response), (OVER, vec![OVER]));
     assert_eq!(response.statuses[0].limit_remaining, 0);
     // Each distinct value of a bare key has its own counter.
     let other = request("test", &[&[("remote_address", "10.0.0.2")]]);
-    let response = client.should_rate_limit(other).await.unwrap().into_inner();
+    let response = ask(&mut client, other).await;
     assert_eq!(codes(&response), (OK, vec![OK]));
 }
 
@@ -95,7 +92,7 @@ async fn exact_values_beat_bare_keys_and_unknown_input_is_not_limited() {
     let server = InProc::start(RULES, |_| {}).await;
     let mut client = server.client().await;
     let banned = request("test", &[&[("remote_address", "50.0.0.5")]]);
-    let response = client.should_rate_limit(banned).await.unwrap().into_inner();
+    let response = ask(&mut client, banned).await;
     assert_eq!(codes(&response), (OVER, vec![OVER]));
 
     for unmatched in [
@@ -106,11 +103,7 @@ async fn exact_values_beat_bare_keys_and_unknown_input_is_not_limited() {
         // A node without a rate_limit.
         request("test", &[&[("tenant", "acme")]]),
     ] {
-        let response = client
-            .should_rate_limit(unmatched)
-            .await
-            .unwrap()
-            .into_inner();
+        let response = ask(&mut client, unmatched).await;
         assert_eq!(codes(&response), (OK, vec![OK]));
         assert!(response.statuses[0].current_limit.is_none());
     }
@@ -121,74 +114,14 @@ async fn wildcards_share_a_counter_only_with_share_threshold() {
     let server = InProc::start(RULES, |_| {}).await;
     let mut client = server.client().await;
     let shared = |id: &str| request("test", &[&[("path", &format!("/api/{id}/action"))]]);
-    assert_eq!(
-        codes(
-            &client
-                .should_rate_limit(shared("1"))
-                .await
-                .unwrap()
-                .into_inner()
-        )
-        .0,
-        OK
-    );
-    assert_eq!(
-        codes(
-            &client
-                .should_rate_limit(shared("2"))
-                .await
-                .unwrap()
-                .into_inner()
-        )
-        .0,
-        OK
-    );
-    assert_eq!(
-        codes(
-            &client
-                .should_rate_limit(shared("3"))
-                .await
-                .unwrap()
-                .into_inner()
-        )
-        .0,
-        OVER
-    );
+    assert_eq!(overall(&mut client, shared("1")).await, OK);
+    assert_eq!(overall(&mut client, shared("2")).await, OK);
+    assert_eq!(overall(&mut client, shared("3")).await, OVER);
 
     let own = |name: &str| request("test", &[&[("path", &format!("/files/{name}"))]]);
-    assert_eq!(
-        codes(
-            &client
-                .should_rate_limit(own("a"))
-                .await
-                .unwrap()
-                .into_inner()
-        )
-        .0,
-        OK
-    );
-    assert_eq!(
-        codes(
-            &client
-                .should_rate_limit(own("a"))
-                .await
-                .unwrap()
-                .into_inner()
-        )
-        .0,
-        OVER
-    );
-    assert_eq!(
-        codes(
-            &client
-                .should_rate_limit(own("b"))
-                .await
-                .unwrap()
-                .into_inner()
-        )
-        .0,
-        OK
-    );
+    assert_eq!(overall(&mut client, own("a")).await, OK);
+    assert_eq!(overall(&mut client, own("a")).await, OVER);
+    assert_eq!(overall(&mut client, own("b")).await, OK);
 }
 
 #[tokio::test]
@@ -197,30 +130,19 @@ async fn nested_descriptors_shadow_mode_and_replaces() {
     let mut client = server.client().await;
     let user = request("test", &[&[("tenant", "acme"), ("user", "ann")]]);
     for _ in 0..2 {
-        let r = client
-            .should_rate_limit(user.clone())
-            .await
-            .unwrap()
-            .into_inner();
+        let r = ask(&mut client, user.clone()).await;
         assert_eq!(codes(&r), (OK, vec![OK]));
         assert_eq!(
             r.statuses[0].current_limit.as_ref().unwrap().name,
             "per_user"
         );
     }
-    assert_eq!(
-        codes(&client.should_rate_limit(user).await.unwrap().into_inner()),
-        (OVER, vec![OVER])
-    );
+    assert_eq!(codes(&ask(&mut client, user).await), (OVER, vec![OVER]));
 
     // Shadow mode: over its limit after one hit, still answered OK.
     let canary = request("test", &[&[("tenant", "acme"), ("user", "canary")]]);
     for _ in 0..3 {
-        let r = client
-            .should_rate_limit(canary.clone())
-            .await
-            .unwrap()
-            .into_inner();
+        let r = ask(&mut client, canary.clone()).await;
         assert_eq!(codes(&r), (OK, vec![OK]));
     }
 
@@ -233,22 +155,14 @@ async fn nested_descriptors_shadow_mode_and_replaces() {
         ],
     );
     for _ in 0..4 {
-        let r = client
-            .should_rate_limit(premium.clone())
-            .await
-            .unwrap()
-            .into_inner();
+        let r = ask(&mut client, premium.clone()).await;
         assert_eq!(codes(&r), (OK, vec![OK, OK]));
         assert!(
             r.statuses[0].current_limit.is_none(),
             "per_user was replaced"
         );
     }
-    let r = client
-        .should_rate_limit(premium)
-        .await
-        .unwrap()
-        .into_inner();
+    let r = ask(&mut client, premium).await;
     assert_eq!(codes(&r), (OVER, vec![OK, OVER]));
 }
 
@@ -258,32 +172,20 @@ async fn unlimited_and_quota_mode() {
     let mut client = server.client().await;
     let internal = request("test", &[&[("internal", "anything")]]);
     for _ in 0..20 {
-        let r = client
-            .should_rate_limit(internal.clone())
-            .await
-            .unwrap()
-            .into_inner();
+        let r = ask(&mut client, internal.clone()).await;
         assert_eq!(codes(&r), (OK, vec![OK]));
         assert_eq!(r.statuses[0].limit_remaining, u32::MAX);
         assert!(r.statuses[0].current_limit.is_none());
     }
 
     let quotas = request("test", &[&[("quota_a", "x")], &[("quota_b", "x")]]);
-    let r = client
-        .should_rate_limit(quotas.clone())
-        .await
-        .unwrap()
-        .into_inner();
+    let r = ask(&mut client, quotas.clone()).await;
     assert_eq!(codes(&r), (OK, vec![OK, OK]));
     // quota_a is spent but quota_b is not: the request passes, quota_a's status says over.
-    let r = client
-        .should_rate_limit(quotas.clone())
-        .await
-        .unwrap()
-        .into_inner();
+    let r = ask(&mut client, quotas.clone()).await;
     assert_eq!(codes(&r), (OK, vec![OVER, OK]));
     // Both spent: over.
-    let r = client.should_rate_limit(quotas).await.unwrap().into_inner();
+    let r = ask(&mut client, quotas).await;
     assert_eq!(codes(&r), (OVER, vec![OVER, OVER]));
 }
 
@@ -293,39 +195,23 @@ async fn hits_addend_and_a_rejected_request_consumes_nothing() {
     let mut client = server.client().await;
     let mut req = request("test", &[&[("bulk", "a")]]);
     req.hits_addend = 4;
-    let r = client
-        .should_rate_limit(req.clone())
-        .await
-        .unwrap()
-        .into_inner();
+    let r = ask(&mut client, req.clone()).await;
     assert_eq!(r.statuses[0].limit_remaining, 6);
     // The descriptor's own addend wins over the request's.
     req.descriptors[0].hits_addend = Some(5);
-    let r = client
-        .should_rate_limit(req.clone())
-        .await
-        .unwrap()
-        .into_inner();
+    let r = ask(&mut client, req.clone()).await;
     assert_eq!(r.statuses[0].limit_remaining, 1);
     // 5 more do not fit: rejected, and nothing is consumed.
-    let r = client
-        .should_rate_limit(req.clone())
-        .await
-        .unwrap()
-        .into_inner();
+    let r = ask(&mut client, req.clone()).await;
     assert_eq!(codes(&r), (OVER, vec![OVER]));
     // A request hits_addend of 0 means 1.
     let mut one = request("test", &[&[("bulk", "a")]]);
     one.hits_addend = 0;
-    let r = client
-        .should_rate_limit(one.clone())
-        .await
-        .unwrap()
-        .into_inner();
+    let r = ask(&mut client, one.clone()).await;
     assert_eq!((r.overall_code, r.statuses[0].limit_remaining), (OK, 0));
     // A per-descriptor addend of 0 only reads.
     one.descriptors[0].hits_addend = Some(0);
-    let r = client.should_rate_limit(one).await.unwrap().into_inner();
+    let r = ask(&mut client, one).await;
     assert_eq!((r.overall_code, r.statuses[0].limit_remaining), (OK, 0));
 
     // A request rejected by one descriptor is not charged to its other descriptors.
@@ -334,15 +220,11 @@ async fn hits_addend_and_a_rejected_request_consumes_nothing() {
         &[&[("bulk", "b")], &[("remote_address", "50.0.0.5")]],
     );
     for _ in 0..3 {
-        let r = client
-            .should_rate_limit(both.clone())
-            .await
-            .unwrap()
-            .into_inner();
+        let r = ask(&mut client, both.clone()).await;
         assert_eq!(codes(&r), (OVER, vec![OK, OVER]));
     }
     let alone = request("test", &[&[("bulk", "b")]]);
-    let r = client.should_rate_limit(alone).await.unwrap().into_inner();
+    let r = ask(&mut client, alone).await;
     assert_eq!(r.statuses[0].limit_remaining, 9);
 }
 
@@ -362,11 +244,7 @@ async fn envoy_limit_override_replaces_the_configured_limit() {
     };
     let mut seen = Vec::new();
     for _ in 0..3 {
-        let r = client
-            .should_rate_limit(req.clone())
-            .await
-            .unwrap()
-            .into_inner();
+        let r = ask(&mut client, req.clone()).await;
         let limit = r.statuses[0]
             .current_limit
             .as_ref()
@@ -388,7 +266,7 @@ async fn rate_limit_headers_come_from_the_descriptor_closest_to_its_limit() {
         "test",
         &[&[("bulk", "h")], &[("remote_address", "10.9.9.9")]],
     );
-    let r = client.should_rate_limit(req).await.unwrap().into_inner();
+    let r = ask(&mut client, req).await;
     let headers: Vec<(String, String)> = r
         .response_headers_to_add
         .iter()

@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use hivemind::proto::{
-    DescriptorEntry, RateLimitDescriptor, RateLimitRequest, RateLimitServiceClient,
+    DescriptorEntry, RateLimitDescriptor, RateLimitRequest, RateLimitResponse,
+    RateLimitServiceClient,
 };
 use hivemind::server::{self, Listeners, ServerError};
 use hivemind::settings::Settings;
@@ -85,6 +86,18 @@ impl Drop for InProc {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A gRPC client of the rate limit service.
+pub type Client = RateLimitServiceClient<Channel>;
+
+/// One `ShouldRateLimit` call that must succeed; its response.
+pub async fn ask(client: &mut Client, request: RateLimitRequest) -> RateLimitResponse {
+    client
+        .should_rate_limit(request)
+        .await
+        .expect("ShouldRateLimit call")
+        .into_inner()
 }
 
 /// A request for `domain` with one descriptor per entry list.
