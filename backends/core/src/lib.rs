@@ -6,6 +6,7 @@
 //! - [`strategy`]: the [`SyncStrategy`] trait every backend implements, and its error type.
 //! - [`counters`]: lock-free local counters (packed window|count in one `AtomicU64`), bounded in
 //!   memory.
+//! - [`sweeper`]: the background sweep of ended windows from the local counters.
 //! - [`standalone`]: the strategy that uses only the local counters.
 //! - `testsuite` (feature `testsuite`): the conformance suite every strategy runs.
 //!
@@ -17,6 +18,7 @@ pub mod counters;
 pub mod hit;
 pub mod standalone;
 pub mod strategy;
+pub mod sweeper;
 #[cfg(feature = "testsuite")]
 pub mod testsuite;
 pub mod window;
@@ -26,4 +28,5 @@ pub use counters::{window_tag, CounterSnapshot, CounterStats, LocalCounters};
 pub use hit::{request_admitted, Decision, Enforcement, Hit, Limit};
 pub use standalone::Standalone;
 pub use strategy::{StrategyError, SyncStrategy};
+pub use sweeper::Sweeper;
 pub use window::{Unit, UnixTime, Window};

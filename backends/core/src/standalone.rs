@@ -2,7 +2,6 @@
 //!
 //! Exact per node. Right for a single instance, or behind a load balancer with key affinity.
 
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +11,7 @@ use crate::clock::Clock;
 use crate::counters::LocalCounters;
 use crate::hit::{Decision, Hit};
 use crate::strategy::{StrategyError, SyncStrategy};
+use crate::sweeper::Sweeper;
 use crate::window::UnixTime;
 
 /// Local counters behind the [`SyncStrategy`] seam, with a background sweeper that drops ended
@@ -19,26 +19,16 @@ use crate::window::UnixTime;
 pub struct Standalone {
     /// The counters every check goes to.
     counters: Arc<LocalCounters>,
-    /// Dropping the sender wakes and stops the sweeper thread.
-    stop_sweeper: std::sync::Mutex<Option<mpsc::Sender<()>>>,
+    /// Drops ended windows in the background; stopped with the strategy.
+    sweeper: Sweeper,
 }
 
 impl Standalone {
     /// A strategy over `counters`, sweeping ended windows every `sweep_every` by `clock`.
     pub fn new(counters: Arc<LocalCounters>, clock: Arc<dyn Clock>, sweep_every: Duration) -> Self {
-        let (stop, stopped) = mpsc::channel::<()>();
-        let swept = counters.clone();
-        std::thread::Builder::new()
-            .name("hivemind-sweeper".into())
-            .spawn(move || {
-                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(sweep_every) {
-                    swept.sweep(clock.now());
-                }
-            })
-            .expect("spawning the counter sweeper thread");
         Standalone {
+            sweeper: Sweeper::spawn(counters.clone(), clock, sweep_every),
             counters,
-            stop_sweeper: std::sync::Mutex::new(Some(stop)),
         }
     }
 
@@ -55,9 +45,7 @@ impl SyncStrategy for Standalone {
     }
 
     async fn shutdown(&self) {
-        if let Ok(mut stop) = self.stop_sweeper.lock() {
-            stop.take();
-        }
+        self.sweeper.stop();
     }
 
     fn name(&self) -> &'static str {

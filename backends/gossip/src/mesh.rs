@@ -14,7 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
 use hivemind_core::{
-    window_tag, Clock, Decision, Hit, LocalCounters, StrategyError, SyncStrategy, UnixTime,
+    window_tag, Clock, Decision, Hit, LocalCounters, StrategyError, Sweeper, SyncStrategy, UnixTime,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -135,6 +135,8 @@ struct Shared {
 pub struct Gossip {
     /// State the tasks share.
     shared: Arc<Shared>,
+    /// Drops ended windows from the local counters; stopped with the node.
+    sweeper: Sweeper,
     /// Chitchat; dropping the handle stops gossiping.
     chitchat: Mutex<Option<ChitchatHandle>>,
     /// Publisher, absorber and membership tasks, aborted on shutdown.
@@ -252,7 +254,6 @@ impl Gossip {
                 handle.chitchat(),
                 id.clone(),
             )),
-            tokio::spawn(sweep(shared.clone(), clock, config.sweep_interval)),
         ];
         info!(
             node_id = %config.node_id,
@@ -263,8 +264,10 @@ impl Gossip {
             authenticated = config.secret.is_some(),
             "gossip mesh started"
         );
+        let sweeper = Sweeper::spawn(shared.counters.clone(), clock, config.sweep_interval);
         Ok(Gossip {
             shared,
+            sweeper,
             chitchat: Mutex::new(Some(handle)),
             tasks: Mutex::new(tasks),
             links,
@@ -388,6 +391,7 @@ impl SyncStrategy for Gossip {
         for task in tasks {
             task.abort();
         }
+        self.sweeper.stop();
         let handle = self
             .chitchat
             .lock()
@@ -533,17 +537,5 @@ async fn watch_membership(
             .unwrap_or_else(PoisonError::into_inner);
         membership.live = live;
         membership.dead = dead;
-    }
-}
-
-/// Drops ended windows from the local counters.
-async fn sweep(shared: Arc<Shared>, clock: Arc<dyn Clock>, every: Duration) {
-    let every = every.max(Duration::from_millis(10));
-    // The first sweep one period after start, not at once (as the standalone sweeper).
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        shared.counters.sweep(clock.now());
     }
 }
