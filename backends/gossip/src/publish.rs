@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use hivemind_core::{window_tag, LocalCounters, Unit, UnixTime};
 
 use crate::view::PeerView;
-use crate::wire::{entry_key, key_hash, millis_tag, CountEntry};
+use crate::wire::{entry_key, key_hash, millis_since, millis_tag, CountEntry};
 
 /// Priority a changed key gains per round it waits.
 const AGING_PER_ROUND: f64 = 0.05;
@@ -131,7 +131,7 @@ impl Publisher {
             state.seen_round = round;
             state.seen_at = now_millis;
             let (window, count, at) = state.last_seen;
-            let gap = now_millis.wrapping_sub(at);
+            let gap = millis_since(at, now_millis);
             if window == live.window && gap > 0 && gap < 60_000 {
                 let instant = live.count.saturating_sub(count) as f32 * 1000.0 / gap as f32;
                 state.rate = 0.7 * state.rate + 0.3 * instant;
@@ -155,7 +155,7 @@ impl Publisher {
                 };
                 let due = closeness >= HOT_FRACTION
                     || f64::from(unpublished) >= (f64::from(live.limit) * cold_step).max(1.0)
-                    || now_millis.wrapping_sub(state.published_at) >= COLD_REFRESH_MILLIS;
+                    || millis_since(state.published_at, now_millis) >= COLD_REFRESH_MILLIS;
                 if !due {
                     return;
                 }
@@ -207,7 +207,7 @@ impl Publisher {
             }
             match state.published {
                 Some((window, _)) if window >= window_tag(now, state.unit) => true,
-                Some(_) if now_millis.wrapping_sub(state.seen_at) < DELETE_AFTER_IDLE_MILLIS => {
+                Some(_) if millis_since(state.seen_at, now_millis) < DELETE_AFTER_IDLE_MILLIS => {
                     true
                 }
                 Some(_) => {
