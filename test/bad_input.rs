@@ -240,21 +240,11 @@ async fn admin_healthcheck_rlconfig_and_stats() {
     assert_eq!(health.status(), 200);
     assert_eq!(health.text().await.unwrap().trim(), "OK");
 
-    let rlconfig: serde_json::Value = reqwest::get(server.admin_url("/rlconfig"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rlconfig: serde_json::Value = server.admin_json("/rlconfig").await;
     assert_eq!(rlconfig["hash"].as_str().map(str::len), Some(64));
     assert_eq!(rlconfig["domains"][0]["domain"], "test");
 
-    let stats: serde_json::Value = reqwest::get(server.admin_url("/stats"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: serde_json::Value = server.admin_json("/stats").await;
     assert_eq!(stats["strategy"], "standalone");
     assert_eq!(stats["counters"]["max_keys"], 1_000_000);
     assert_eq!(stats["rules"]["hash"], rlconfig["hash"]);
@@ -272,12 +262,7 @@ async fn a_flood_of_distinct_keys_is_capped_and_still_enforced() {
             .into_inner();
         assert_eq!(r.overall_code, Code::Ok as i32);
     }
-    let stats: serde_json::Value = reqwest::get(server.admin_url("/stats"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: serde_json::Value = server.admin_json("/stats").await;
     let live = stats["counters"]["live_keys"].as_u64().unwrap();
     assert!(live <= 200, "{stats}");
     assert!(

@@ -67,12 +67,7 @@ async fn a_bad_file_keeps_the_previous_rules_and_is_reported() {
     // The error shows up in /stats; meanwhile the old limit keeps applying.
     let mut reported = serde_json::Value::Null;
     for _ in 0..200 {
-        let stats: serde_json::Value = reqwest::get(server.admin_url("/stats"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let stats: serde_json::Value = server.admin_json("/stats").await;
         if stats["rules"]["reload"]["errors"].as_u64() >= Some(1) {
             reported = stats;
             break;

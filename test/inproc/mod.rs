@@ -73,6 +73,16 @@ impl InProc {
         format!("http://{}{}", self.admin_addr, path)
     }
 
+    /// `GET path` on the admin listener, parsed as JSON.
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        reqwest::get(self.admin_url(path))
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: not JSON: {e}"))
+    }
+
     /// Starts graceful shutdown and waits for `run` to return.
     pub async fn stop(mut self) -> Result<(), ServerError> {
         if let Some(stop) = self.stop.take() {
