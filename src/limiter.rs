@@ -157,12 +157,14 @@ impl Limiter {
                 });
                 continue;
             }
-            let entries: Vec<(&str, &str)> = descriptor
-                .entries
-                .iter()
-                .map(|e| (e.key.as_str(), e.value.as_str()))
-                .collect();
-            let found = domain.and_then(|d| d.find(&entries));
+            let found = domain.and_then(|d| {
+                d.find_entries(
+                    descriptor
+                        .entries
+                        .iter()
+                        .map(|e| (e.key.as_str(), e.value.as_str())),
+                )
+            });
             let Some(found) = found else {
                 plans.push(Plan::NoLimit);
                 matched.push(None);

@@ -124,10 +124,19 @@ impl DomainRules {
     /// rate_limit; `None` if no match at some level, if the request has more entries than the
     /// tree depth, or if the final node has no rate_limit. An empty entry list matches nothing.
     pub fn find<'r>(&'r self, entries: &[(&str, &str)]) -> Option<Match<'r>> {
+        self.find_entries(entries.iter().copied())
+    }
+
+    /// [`find`](Self::find) over any sequence of entries, so the request path can walk a
+    /// descriptor's entries in place without collecting them first.
+    pub fn find_entries<'r, 'e>(
+        &'r self,
+        entries: impl ExactSizeIterator<Item = (&'e str, &'e str)>,
+    ) -> Option<Match<'r>> {
         let last = entries.len().checked_sub(1)?;
         let mut level = &self.root;
         let mut shared_values = Vec::new();
-        for (i, &(key, value)) in entries.iter().enumerate() {
+        for (i, (key, value)) in entries.enumerate() {
             let node = level.lookup(key, value)?;
             if node.share_threshold {
                 if let Some(pattern) = node.value.as_deref() {
