@@ -60,8 +60,8 @@ impl Admission {
         }
     }
 
-    /// Whether a peer estimate is needed at all to decide (no peers' rate, no fair share): lets
-    /// the request path skip reading its own count.
+    /// Whether [`offset`](Self::offset) uses this node's own count (fair share on and peers
+    /// hitting the key); otherwise the request path skips reading it and passes 0.
     pub fn needs_own_count(&self, peers: &PeerEstimate) -> bool {
         self.fair_share && peers.peer_rate > 0.0
     }
