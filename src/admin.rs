@@ -1,23 +1,26 @@
 //! The admin HTTP endpoints, on their own listener (`admin.addr`):
 //!
-//! - `GET /healthcheck`: 200 `OK` while serving, 503 once shutdown has begun;
+//! - `GET /healthcheck`: 200 `OK` while serving (then the strategy's own lines, e.g. the peer
+//!   count), 503 once shutdown has begun or while the strategy is down;
 //! - `POST /json`: a `RateLimitRequest` in Envoy's JSON mapping, the response back (200 OK,
 //!   429 OVER_LIMIT, 400 malformed, 503 backend unavailable), as envoyproxy/ratelimit's;
 //! - `GET /rlconfig`: the rules in force, their hash and the reload status;
-//! - `GET /stats`: counters and reload figures as JSON;
-//! - `GET /mesh`: gossip membership (live and dead peers, generations) and mesh traffic.
+//! - `GET /stats`: the strategy's health, counters and figures, and reload figures, as JSON;
+//! - `GET /<view>`: each view the strategy offers ([`SyncStrategy::views`]), e.g. gossip's
+//!   `/mesh` (live and dead peers, generations, mesh traffic).
+//!
+//! Nothing here names a backend: what a strategy shows comes through its status and views.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use hivemind_core::LocalCounters;
-use hivemind_gossip::{Gossip, PeerInfo};
+use hivemind_core::{HealthState, SyncStrategy};
 use serde_json::json;
 
 use crate::json::{parse_request, response_json};
@@ -31,10 +34,6 @@ pub struct AdminState {
     pub limiter: Arc<Limiter>,
     /// The reloader's status, if the rules come from a watched path.
     pub reload: Option<Arc<Mutex<ReloadStatus>>>,
-    /// The local counters, for `/stats`.
-    pub counters: Arc<LocalCounters>,
-    /// The gossip node, when the strategy is `gossip`: membership for `/healthcheck`, `/mesh`.
-    pub gossip: Option<Arc<Gossip>>,
     /// Cleared when shutdown begins, so load balancers stop sending traffic.
     pub serving: Arc<AtomicBool>,
 }
@@ -46,25 +45,32 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/json", post(json_request))
         .route("/rlconfig", get(rlconfig))
         .route("/stats", get(stats))
-        .route("/mesh", get(mesh))
+        .route("/{view}", get(strategy_view))
         .with_state(state)
 }
 
+fn strategy(state: &AdminState) -> &Arc<dyn SyncStrategy> {
+    state.limiter.strategy()
+}
+
 async fn healthcheck(State(state): State<Arc<AdminState>>) -> Response {
-    if state.serving.load(Ordering::Acquire) {
-        match &state.gossip {
-            // The first line stays `OK` (what envoyproxy/ratelimit answers); the peer count
-            // follows for people and probes that want it.
-            Some(gossip) => {
-                let m = gossip.membership();
-                let body = format!("OK\npeers: {} live, {} dead\n", m.live.len(), m.dead.len());
-                (StatusCode::OK, body).into_response()
-            }
-            None => (StatusCode::OK, "OK\n").into_response(),
-        }
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    if !state.serving.load(Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
+    let health = strategy(&state).status().health;
+    // The first line stays `OK` (what envoyproxy/ratelimit answers) while the strategy can
+    // decide; its own lines (peers, Redis state) follow for people and probes that want them.
+    let (code, first) = match health.state {
+        HealthState::Serving => (StatusCode::OK, "OK"),
+        HealthState::Degraded => (StatusCode::OK, "OK (degraded)"),
+        HealthState::Down => (StatusCode::SERVICE_UNAVAILABLE, "DOWN"),
+    };
+    let mut body = format!("{first}\n");
+    for line in &health.lines {
+        body.push_str(line);
+        body.push('\n');
+    }
+    (code, body).into_response()
 }
 
 async fn json_request(State(state): State<Arc<AdminState>>, body: Bytes) -> Response {
@@ -115,16 +121,13 @@ async fn rlconfig(State(state): State<Arc<AdminState>>) -> Response {
 }
 
 async fn stats(State(state): State<Arc<AdminState>>) -> Response {
-    let counters = state.counters.stats();
+    let strategy = strategy(&state);
+    let status = strategy.status();
     Json(json!({
-        "strategy": state.limiter.strategy().name(),
-        "counters": {
-            "live_keys": counters.live_keys,
-            "max_keys": state.counters.max_keys(),
-            "expired_keys": counters.expired,
-            "evicted_keys": counters.evicted,
-            "eviction_passes": counters.eviction_passes,
-        },
+        "strategy": strategy.name(),
+        "health": status.health,
+        "counters": status.counters,
+        "backend": status.details,
         "rules": {
             "hash": state.limiter.rules().load().hash(),
             "reload": reload_status(&state),
@@ -133,39 +136,20 @@ async fn stats(State(state): State<Arc<AdminState>>) -> Response {
     .into_response()
 }
 
-async fn mesh(State(state): State<Arc<AdminState>>) -> Response {
-    let Some(gossip) = &state.gossip else {
-        return (
+async fn strategy_view(State(state): State<Arc<AdminState>>, Path(view): Path<String>) -> Response {
+    let strategy = strategy(&state);
+    match strategy.view(&view) {
+        Some(body) => Json(body).into_response(),
+        None => (
             StatusCode::NOT_FOUND,
-            Json(json!({ "error": "the strategy is not gossip: there is no mesh" })),
+            Json(json!({
+                "error": format!(
+                    "no admin endpoint /{view}: strategy {} offers {:?}",
+                    strategy.name(),
+                    strategy.views()
+                ),
+            })),
         )
-            .into_response();
-    };
-    let m = gossip.membership();
-    let (node_id, generation) = gossip.node();
-    let peers = |list: &[PeerInfo]| -> Vec<serde_json::Value> {
-        list.iter()
-            .map(|p| json!({ "node_id": p.node_id, "generation": p.generation, "addr": p.addr.to_string() }))
-            .collect()
-    };
-    let t = m.transport;
-    Json(json!({
-        "node_id": node_id,
-        "generation": generation,
-        "live": peers(&m.live),
-        "dead": peers(&m.dead),
-        "published_keys": m.published_keys,
-        "peer_keys": m.peer_keys,
-        "backlog": m.backlog,
-        "absorb_dropped": m.absorb_dropped,
-        "transport": {
-            "datagrams_sent": t.datagrams_sent,
-            "bytes_sent": t.bytes_sent,
-            "datagrams_received": t.datagrams_received,
-            "bytes_received": t.bytes_received,
-            "rejected_auth": t.rejected_auth,
-            "rejected_malformed": t.rejected_malformed,
-        },
-    }))
-    .into_response()
+            .into_response(),
+    }
 }

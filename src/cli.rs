@@ -17,15 +17,16 @@ pub struct Cli {
     /// gRPC address of the rate limit service [default: 127.0.0.1:8081].
     #[arg(short = 'a', long, value_name = "ADDR")]
     pub addr: Option<SocketAddr>,
-    /// Admin HTTP address (/healthcheck, /json, /rlconfig, /stats) [default: 127.0.0.1:8080].
+    /// Admin HTTP address (/healthcheck, /json, /rlconfig, /stats, and the strategy's views
+    /// such as /mesh) [default: 127.0.0.1:8080].
     #[arg(long, value_name = "ADDR")]
     pub admin_addr: Option<SocketAddr>,
     /// Settings file [default: config/hivemind.yaml if present; env HIVEMIND_SETTINGS].
     #[arg(long, value_name = "PATH")]
     pub settings: Option<PathBuf>,
-    /// How nodes agree on counts [default: standalone].
+    /// How nodes agree on counts [default: gossip].
     #[arg(long, value_enum)]
-    pub strategy: Option<StrategyFlag>,
+    pub strategy: Option<StrategyKind>,
     /// Use the gossip mesh strategy (same as --strategy gossip).
     #[arg(long, conflicts_with = "strategy")]
     pub mesh: bool,
@@ -43,17 +44,6 @@ pub struct Cli {
     pub check_config: bool,
 }
 
-/// `--strategy` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum StrategyFlag {
-    /// Local counters only.
-    Standalone,
-    /// Chitchat gossip mesh.
-    Gossip,
-    /// Centralised Redis.
-    Redis,
-}
-
 impl Cli {
     /// The flags given, as the top settings layer.
     pub fn flag_values(&self) -> FlagValues {
@@ -68,9 +58,8 @@ impl Cli {
             flags.set("admin.addr", addr.to_string());
         }
         let strategy = match (self.strategy, self.mesh) {
-            (Some(StrategyFlag::Standalone), _) => Some(StrategyKind::Standalone),
-            (Some(StrategyFlag::Gossip), _) | (None, true) => Some(StrategyKind::Gossip),
-            (Some(StrategyFlag::Redis), _) => Some(StrategyKind::Redis),
+            (Some(strategy), _) => Some(strategy),
+            (None, true) => Some(StrategyKind::Gossip),
             (None, false) => None,
         };
         if let Some(strategy) = strategy {

@@ -8,6 +8,7 @@
 //! - [`rules`]: the rules files: parsing, validation, matching; [`reload`] watches them;
 //! - [`limiter`]: one request's decision: descriptors → hits → strategy → response;
 //! - [`grpc`]: the tonic service around the limiter; [`admin`]: the admin HTTP endpoints;
+//! - [`strategies`]: the one place that names the backends and builds the configured one;
 //! - [`server`]: wiring, listeners and graceful shutdown; [`telemetry`]: logs.
 
 pub mod admin;
@@ -15,10 +16,10 @@ pub mod cli;
 pub mod grpc;
 pub mod json;
 pub mod limiter;
-pub mod mesh;
 pub mod proto;
 pub mod reload;
 pub mod rules;
 pub mod server;
 pub mod settings;
+pub mod strategies;
 pub mod telemetry;

@@ -45,7 +45,7 @@ impl LimitError {
             LimitError::Strategy(e) if e.is_transient() => {
                 tonic::Status::unavailable(e.to_string())
             }
-            LimitError::Strategy(e) => tonic::Status::failed_precondition(e.to_string()),
+            LimitError::Strategy(e) => tonic::Status::internal(e.to_string()),
         }
     }
 }

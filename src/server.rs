@@ -12,8 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hivemind_core::{Clock, LocalCounters, Standalone, SyncStrategy, SystemClock};
-use hivemind_gossip::Gossip;
+use hivemind_core::{Clock, StrategyContext, SyncStrategy, SystemClock};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -23,11 +22,11 @@ use tracing::{info, warn};
 use crate::admin::{self, AdminState};
 use crate::grpc::RateLimitGrpc;
 use crate::limiter::Limiter;
-use crate::mesh;
 use crate::proto::{RateLimitServiceServer, FILE_DESCRIPTOR_SET};
 use crate::reload;
 use crate::rules::{RuleSet, RulesError};
-use crate::settings::{Settings, StrategyKind};
+use crate::settings::Settings;
+use crate::strategies::{self, StrategySockets};
 
 /// The rules file built into the binary: the server's embedded default when
 /// `config/ratelimit.yaml` is not on disk (e.g. `cargo install`, a bare container).
@@ -51,12 +50,17 @@ pub enum ServerError {
     Rules(#[from] RulesError),
     /// The configured strategy is not available in this build.
     #[error(
-        "strategy '{0}' is not available in this build of hivemind (available: gossip, standalone)"
+        "strategy '{strategy}' is not available in this build of hivemind (available: {available})"
     )]
-    StrategyUnavailable(&'static str),
-    /// The gossip mesh could not start.
+    StrategyUnavailable {
+        /// The strategy asked for.
+        strategy: &'static str,
+        /// The strategies this build has.
+        available: String,
+    },
+    /// The strategy could not start (mesh, Redis).
     #[error("{0}")]
-    Mesh(String),
+    Strategy(String),
     /// A server failed while running.
     #[error("{what} server failed: {message}")]
     Serve {
@@ -74,8 +78,8 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// The admin HTTP endpoints.
     pub admin: TcpListener,
-    /// The gossip mesh's UDP socket (strategy `gossip` only).
-    pub mesh: Option<std::net::UdpSocket>,
+    /// What the strategy needs bound (the gossip mesh's UDP socket).
+    pub strategy: StrategySockets,
 }
 
 impl Listeners {
@@ -86,24 +90,11 @@ impl Listeners {
                 .await
                 .map_err(|source| ServerError::Bind { what, addr, source })
         };
-        let mesh = match settings.strategy {
-            StrategyKind::Gossip => {
-                let addr = settings.mesh.addr;
-                let socket = std::net::UdpSocket::bind(addr)
-                    .and_then(|s| s.set_nonblocking(true).map(|()| s))
-                    .map_err(|source| ServerError::Bind {
-                        what: "mesh",
-                        addr,
-                        source,
-                    })?;
-                Some(socket)
-            }
-            _ => None,
-        };
+        let strategy = StrategySockets::bind(settings)?;
         Ok(Listeners {
             grpc: bind("grpc", settings.grpc.addr).await?,
             admin: bind("admin", settings.admin.addr).await?,
-            mesh,
+            strategy,
         })
     }
 
@@ -114,7 +105,7 @@ impl Listeners {
 
     /// The mesh socket's address, if the strategy gossips.
     pub fn mesh_addr(&self) -> Option<SocketAddr> {
-        self.mesh.as_ref().and_then(|s| s.local_addr().ok())
+        self.strategy.mesh_addr()
     }
 }
 
@@ -139,54 +130,6 @@ pub fn load_rules(settings: &Settings) -> Result<(RuleSet, RulesSource), RulesEr
         return Ok((rules, RulesSource::Embedded));
     }
     Ok((RuleSet::load(path)?, RulesSource::Path(path.clone())))
-}
-
-/// The running strategy: the trait object the limiter calls, and the gossip node itself when
-/// there is one (for the admin endpoints).
-pub struct BuiltStrategy {
-    /// What the limiter calls.
-    pub strategy: Arc<dyn SyncStrategy>,
-    /// The gossip node, for `/healthcheck` and `/mesh`.
-    pub gossip: Option<Arc<Gossip>>,
-}
-
-/// Builds the configured strategy over `counters`; `mesh_socket` is the bound mesh socket
-/// (required for `gossip`).
-pub async fn build_strategy(
-    settings: &Settings,
-    counters: Arc<LocalCounters>,
-    clock: Arc<dyn Clock>,
-    mesh_socket: Option<std::net::UdpSocket>,
-) -> Result<BuiltStrategy, ServerError> {
-    match settings.strategy {
-        StrategyKind::Standalone => Ok(BuiltStrategy {
-            strategy: Arc::new(Standalone::new(
-                counters,
-                clock,
-                settings.counters.sweep_interval,
-            )),
-            gossip: None,
-        }),
-        StrategyKind::Gossip => {
-            let socket =
-                mesh_socket.ok_or_else(|| ServerError::Mesh("no mesh socket was bound".into()))?;
-            let bound = socket
-                .local_addr()
-                .map_err(|e| ServerError::Mesh(format!("mesh socket: {e}")))?;
-            let config = mesh::gossip_config(settings, bound)
-                .map_err(|e| ServerError::Mesh(e.to_string()))?;
-            let gossip = Arc::new(
-                Gossip::start(config, socket, counters, clock)
-                    .await
-                    .map_err(|e| ServerError::Mesh(e.to_string()))?,
-            );
-            Ok(BuiltStrategy {
-                strategy: gossip.clone(),
-                gossip: Some(gossip),
-            })
-        }
-        other => Err(ServerError::StrategyUnavailable(other.as_str())),
-    }
 }
 
 /// Serves on `listeners` with `settings` until `shutdown` completes, then drains and returns.
@@ -224,16 +167,18 @@ pub async fn run_with_ready(
         )),
         RulesSource::Embedded => None,
     };
-    let counters = Arc::new(LocalCounters::new(settings.counters.max_keys));
-    let BuiltStrategy { strategy, gossip } =
-        build_strategy(&settings, counters.clone(), clock.clone(), listeners.mesh).await?;
+    let context = StrategyContext {
+        clock: clock.clone(),
+        counters: settings.counters.config(),
+    };
+    let strategy = strategies::build(&settings, listeners.strategy, context).await?;
     let limiter = Arc::new(Limiter::new(
         store,
         strategy.clone(),
         clock,
         settings.response.clone(),
     ));
-    let _key_cap_monitor = spawn_key_cap_monitor(counters.clone());
+    let _key_cap_monitor = spawn_key_cap_monitor(strategy.clone());
 
     let serving = Arc::new(AtomicBool::new(true));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -271,8 +216,6 @@ pub async fn run_with_ready(
     let admin_state = Arc::new(AdminState {
         limiter,
         reload: reloader.as_ref().map(reload::ReloadHandle::status_cell),
-        counters,
-        gossip,
         serving: serving.clone(),
     });
     let admin = axum::serve(listeners.admin, admin::router(admin_state))
@@ -325,23 +268,25 @@ fn flatten(
     }
 }
 
-/// Logs when the key cap forces evictions (at most every 10 s), so an operator sees a flood of
-/// distinct keys. Dropping the handle stops it.
-fn spawn_key_cap_monitor(counters: Arc<LocalCounters>) -> AbortOnDrop {
+/// Logs when the key cap of the strategy's local counters forces evictions (at most every
+/// 10 s), so an operator sees a flood of distinct keys. Dropping the handle stops it.
+fn spawn_key_cap_monitor(strategy: Arc<dyn SyncStrategy>) -> AbortOnDrop {
     AbortOnDrop(tokio::spawn(async move {
         let mut reported = 0;
         let mut ticker = tokio::time::interval(Duration::from_secs(10));
         loop {
             ticker.tick().await;
-            let stats = counters.stats();
-            if stats.evicted > reported {
+            let Some(counters) = strategy.status().counters else {
+                continue;
+            };
+            if counters.evicted_keys > reported {
                 warn!(
-                    evicted = stats.evicted - reported,
-                    evicted_total = stats.evicted,
-                    max_keys = counters.max_keys(),
+                    evicted = counters.evicted_keys - reported,
+                    evicted_total = counters.evicted_keys,
+                    max_keys = counters.max_keys,
                     "counter key cap reached; evicted the coldest keys (raise counters.max_keys if this is legitimate traffic)"
                 );
-                reported = stats.evicted;
+                reported = counters.evicted_keys;
             }
         }
     }))

@@ -42,26 +42,58 @@ pub struct Settings {
     pub counters: CounterSettings,
     /// What goes into responses beyond the statuses.
     pub response: ResponseSettings,
-    /// The gossip mesh (strategy `gossip`).
-    pub mesh: MeshSettings,
+    /// The gossip mesh (strategy `gossip`): the gossip backend's own section.
+    #[cfg(feature = "gossip")]
+    pub mesh: hivemind_gossip::MeshSettings,
+    /// The gossip mesh section, kept as written: this build has no gossip backend.
+    #[cfg(not(feature = "gossip"))]
+    pub mesh: UnusedSection,
     /// Log output.
     pub log: LogSettings,
     /// Graceful shutdown.
     pub shutdown: ShutdownSettings,
 }
 
-/// The strategy that decides how nodes agree on counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// A backend's settings section in a build without that backend: accepted whatever it holds,
+/// so one settings file serves every build (choosing the backend is the error), and never
+/// printed (it may hold secrets).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnusedSection;
+
+impl Serialize for UnusedSection {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_none()
+    }
+}
+
+impl<'de> Deserialize<'de> for UnusedSection {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(de).map(|_| UnusedSection)
+    }
+}
+
+/// The strategy that decides how nodes agree on counts. Every name parses in every build;
+/// [`crate::strategies::AVAILABLE`] says which this build can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum StrategyKind {
-    /// Local counters only: exact per node.
+    /// Local counters only: exact per node (the default of a build without gossip).
     Standalone,
     /// Local counters shared over a chitchat gossip mesh (the default: a one-node mesh that
     /// others can join).
-    #[default]
     Gossip,
     /// Counters in Redis: exact across nodes.
     Redis,
+}
+
+impl Default for StrategyKind {
+    fn default() -> Self {
+        if cfg!(feature = "gossip") {
+            StrategyKind::Gossip
+        } else {
+            StrategyKind::Standalone
+        }
+    }
 }
 
 impl StrategyKind {
@@ -98,7 +130,8 @@ impl Default for GrpcSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminSettings {
-    /// Address of `/healthcheck`, `/json`, `/rlconfig` and `/stats` (`--admin-addr`).
+    /// Address of `/healthcheck`, `/json`, `/rlconfig`, `/stats` and the strategy's own views
+    /// such as gossip's `/mesh` (`--admin-addr`).
     pub addr: SocketAddr,
 }
 
@@ -143,6 +176,16 @@ pub struct CounterSettings {
     pub sweep_interval: Duration,
 }
 
+impl CounterSettings {
+    /// The bounds every strategy's local counters get.
+    pub fn config(&self) -> hivemind_core::CounterConfig {
+        hivemind_core::CounterConfig {
+            max_keys: self.max_keys,
+            sweep_interval: self.sweep_interval,
+        }
+    }
+}
+
 impl Default for CounterSettings {
     fn default() -> Self {
         CounterSettings {
@@ -175,69 +218,6 @@ impl Default for ResponseSettings {
             remaining_header: "RateLimit-Remaining".into(),
             reset_header: "RateLimit-Reset".into(),
         }
-    }
-}
-
-/// The gossip mesh.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct MeshSettings {
-    /// This node's id in the mesh (`--node-id`); generated when absent.
-    pub node_id: Option<String>,
-    /// UDP address the mesh binds (`--mesh-addr`).
-    pub addr: SocketAddr,
-    /// The address peers reach this node at; when absent, the bound address, or for an
-    /// unspecified bind (0.0.0.0) the local address that routes to the first seed.
-    pub advertise_addr: Option<SocketAddr>,
-    /// Seed peers `host:port` to join through (`--peers`, comma-separated in flags and env).
-    #[serde(deserialize_with = "comma_separated")]
-    pub peers: Vec<String>,
-    /// Nodes with another cluster id are ignored.
-    pub cluster_id: String,
-    /// Chitchat's gossip round interval.
-    #[serde(with = "humantime_serde")]
-    pub gossip_interval: Duration,
-    /// How long a dead node's state is kept before it is forgotten.
-    #[serde(with = "humantime_serde")]
-    pub dead_node_grace_period: Duration,
-    /// A shared secret authenticating every mesh datagram (HMAC-SHA256); redacted in output.
-    #[serde(serialize_with = "redacted")]
-    pub secret: Option<String>,
-    /// The most counter keys published per gossip interval; beyond it, keys nearest their
-    /// limits go first.
-    pub max_keys_per_round: usize,
-    /// Extrapolate peers' counts by their observed rates and the age of their last update.
-    pub extrapolate: bool,
-    /// Near a limit, admit only this node's share of the remainder by observed demand.
-    pub fair_share: bool,
-    /// Publish a key out of turn when it crosses this fraction of its limit (0 = off).
-    pub early_publish_fraction: f64,
-}
-
-impl Default for MeshSettings {
-    fn default() -> Self {
-        MeshSettings {
-            node_id: None,
-            addr: SocketAddr::from(([0, 0, 0, 0], 7946)),
-            advertise_addr: None,
-            peers: Vec::new(),
-            cluster_id: "hivemind".into(),
-            gossip_interval: Duration::from_millis(100),
-            dead_node_grace_period: Duration::from_secs(3600),
-            secret: None,
-            max_keys_per_round: 3_000,
-            extrapolate: true,
-            fair_share: true,
-            early_publish_fraction: 0.8,
-        }
-    }
-}
-
-/// Serializes a secret as `<redacted>` (or null when unset), so dumps never show it.
-fn redacted<S: serde::Serializer>(secret: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
-    match secret {
-        Some(_) => s.serialize_str("<redacted>"),
-        None => s.serialize_none(),
     }
 }
 
@@ -286,25 +266,6 @@ impl Default for ShutdownSettings {
             drain_timeout: Duration::from_secs(10),
         }
     }
-}
-
-/// Accepts a list or one comma-separated string (the form flags and env variables give).
-fn comma_separated<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
-    }
-    Ok(match OneOrMany::deserialize(de)? {
-        OneOrMany::One(joined) => joined
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect(),
-        OneOrMany::Many(list) => list,
-    })
 }
 
 /// Why the settings could not be loaded.
@@ -508,6 +469,7 @@ mod tests {
         assert_eq!(settings.grpc.addr.to_string(), "127.0.0.1:1111");
         assert_eq!(settings.admin.addr.to_string(), "127.0.0.1:3333");
         assert_eq!(settings.counters.max_keys, 11);
+        #[cfg(feature = "gossip")]
         assert_eq!(settings.mesh.peers, ["a:1", "b:2"]);
     }
 

@@ -43,7 +43,10 @@ impl InProc {
         settings.admin.addr = "127.0.0.1:0".parse().unwrap();
         settings.rules.path = rules_path.clone();
         settings.strategy = hivemind::settings::StrategyKind::Standalone;
-        settings.mesh.addr = "127.0.0.1:0".parse().unwrap();
+        #[cfg(feature = "gossip")]
+        {
+            settings.mesh.addr = "127.0.0.1:0".parse().unwrap();
+        }
         tweak(&mut settings);
         let listeners = Listeners::bind(&settings).await.expect("bind listeners");
         let (grpc_addr, admin_addr) = listeners.local_addrs().expect("local addrs");

@@ -10,7 +10,8 @@ use async_trait::async_trait;
 use crate::clock::Clock;
 use crate::counters::LocalCounters;
 use crate::hit::{Decision, Hit};
-use crate::strategy::{StrategyError, SyncStrategy};
+use crate::status::{CounterReport, Health, StrategyStatus};
+use crate::strategy::{StrategyContext, StrategyError, SyncStrategy};
 use crate::sweeper::Sweeper;
 use crate::window::UnixTime;
 
@@ -32,6 +33,15 @@ impl Standalone {
         }
     }
 
+    /// A strategy with fresh counters bounded as `context` says.
+    pub fn from_context(context: &StrategyContext) -> Self {
+        Self::new(
+            context.counters.build(),
+            context.clock.clone(),
+            context.counters.sweep_interval,
+        )
+    }
+
     /// The counters, for metrics and the admin endpoints.
     pub fn counters(&self) -> &Arc<LocalCounters> {
         &self.counters
@@ -50,6 +60,14 @@ impl SyncStrategy for Standalone {
 
     fn name(&self) -> &'static str {
         "standalone"
+    }
+
+    fn status(&self) -> StrategyStatus {
+        StrategyStatus {
+            health: Health::serving(Vec::new()),
+            counters: Some(CounterReport::of(&self.counters)),
+            details: serde_json::Value::Null,
+        }
     }
 }
 

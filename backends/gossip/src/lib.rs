@@ -6,18 +6,21 @@
 //! - [`view`]: peers' counts folded into a read-mostly view the request path reads.
 //! - [`admission`]: the overshoot-reduction arithmetic (extrapolation, fair share).
 //! - [`transport`]: UDP for chitchat, optionally authenticated with a shared secret.
+//! - [`settings`]: the `mesh` settings section and its translation into a [`GossipConfig`].
 //! - [`mesh`]: the running node: chitchat, the publisher and absorber tasks, membership, and
 //!   the [`SyncStrategy`](hivemind_core::SyncStrategy) implementation.
 
 pub mod admission;
 pub mod mesh;
 pub mod publish;
+pub mod settings;
 pub mod transport;
 pub mod view;
 pub mod wire;
 
 pub use admission::Admission;
 pub use mesh::{Gossip, GossipConfig, GossipError, Membership, PeerInfo};
+pub use settings::{MeshSettings, MeshSettingsError};
 pub use transport::{
     LinkControl, MeshSecret, MeshTransport, TransportCounts, TransportError, TransportStats,
 };

@@ -14,14 +14,17 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
 use hivemind_core::{
-    window_tag, Clock, Decision, Hit, LocalCounters, StrategyError, Sweeper, SyncStrategy, UnixTime,
+    window_tag, Clock, CounterReport, Decision, Health, Hit, LocalCounters, StrategyContext,
+    StrategyError, StrategyStatus, Sweeper, SyncStrategy, UnixTime,
 };
+use serde_json::json;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::admission::Admission;
 use crate::publish::Publisher;
+use crate::settings::MeshSettings;
 use crate::transport::{LinkControl, MeshSecret, MeshTransport, TransportCounts, TransportStats};
 use crate::view::{PeerTracker, PeerView};
 use crate::wire::{decode_entry_key, key_hash, millis_tag, CountEntry, COUNTER_PREFIX};
@@ -74,6 +77,9 @@ pub enum GossipError {
     /// The mesh socket or chitchat failed to start.
     #[error("gossip mesh did not start: {0}")]
     Start(String),
+    /// The `mesh` settings cannot be used.
+    #[error(transparent)]
+    Settings(#[from] crate::settings::MeshSettingsError),
 }
 
 /// One peer as the admin endpoint shows it.
@@ -148,6 +154,26 @@ pub struct Gossip {
 }
 
 impl Gossip {
+    /// Starts a node as the `mesh` settings say, on `socket` (bound by
+    /// [`MeshSettings::bind`]), with fresh local counters bounded as `context` says.
+    pub async fn from_settings(
+        settings: &MeshSettings,
+        socket: std::net::UdpSocket,
+        context: &StrategyContext,
+    ) -> Result<Gossip, GossipError> {
+        let bound = socket
+            .local_addr()
+            .map_err(|e| GossipError::Start(format!("mesh socket: {e}")))?;
+        let config = settings.gossip_config(bound, context.counters.sweep_interval)?;
+        Gossip::start(
+            config,
+            socket,
+            context.counters.build(),
+            context.clock.clone(),
+        )
+        .await
+    }
+
     /// Starts a node on `socket` (already bound: the address the server reports), with local
     /// `counters` and `clock`. Must run inside a tokio runtime.
     pub async fn start(
@@ -408,6 +434,71 @@ impl SyncStrategy for Gossip {
     fn name(&self) -> &'static str {
         "gossip"
     }
+
+    fn status(&self) -> StrategyStatus {
+        let m = self.membership();
+        StrategyStatus {
+            health: Health::serving(vec![format!(
+                "peers: {} live, {} dead",
+                m.live.len(),
+                m.dead.len()
+            )]),
+            counters: Some(CounterReport::of(&self.shared.counters)),
+            details: json!({
+                "live_peers": m.live.len(),
+                "dead_peers": m.dead.len(),
+                "published_keys": m.published_keys,
+                "peer_keys": m.peer_keys,
+                "backlog": m.backlog,
+                "absorb_dropped": m.absorb_dropped,
+                "transport": transport_json(&m.transport),
+            }),
+        }
+    }
+
+    fn views(&self) -> &'static [&'static str] {
+        &["mesh"]
+    }
+
+    fn view(&self, name: &str) -> Option<serde_json::Value> {
+        (name == "mesh").then(|| self.mesh_view())
+    }
+}
+
+impl Gossip {
+    /// The `/mesh` admin view: this node, live and dead peers with generations, publication
+    /// figures and datagram counts.
+    pub fn mesh_view(&self) -> serde_json::Value {
+        let m = self.membership();
+        let (node_id, generation) = self.node();
+        let peers = |list: &[PeerInfo]| -> Vec<serde_json::Value> {
+            list.iter()
+                .map(|p| json!({ "node_id": p.node_id, "generation": p.generation, "addr": p.addr.to_string() }))
+                .collect()
+        };
+        json!({
+            "node_id": node_id,
+            "generation": generation,
+            "live": peers(&m.live),
+            "dead": peers(&m.dead),
+            "published_keys": m.published_keys,
+            "peer_keys": m.peer_keys,
+            "backlog": m.backlog,
+            "absorb_dropped": m.absorb_dropped,
+            "transport": transport_json(&m.transport),
+        })
+    }
+}
+
+fn transport_json(t: &TransportCounts) -> serde_json::Value {
+    json!({
+        "datagrams_sent": t.datagrams_sent,
+        "bytes_sent": t.bytes_sent,
+        "datagrams_received": t.datagrams_received,
+        "bytes_received": t.bytes_received,
+        "rejected_auth": t.rejected_auth,
+        "rejected_malformed": t.rejected_malformed,
+    })
 }
 
 /// Folds peers' publications into the view; drops ended windows and stale rates every tick.
