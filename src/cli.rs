@@ -33,7 +33,7 @@ pub struct Cli {
     /// Mesh node id (generated when absent).
     #[arg(long, value_name = "ID")]
     pub node_id: Option<String>,
-    /// Mesh UDP bind address [default: 0.0.0.0:7946].
+    /// Mesh UDP bind address [default: 127.0.0.1:7946; others need mesh.secret].
     #[arg(long, value_name = "ADDR")]
     pub mesh_addr: Option<SocketAddr>,
     /// Mesh seed peers, comma-separated host:port.

@@ -1,8 +1,9 @@
 //! Wiring: listeners, the strategy, the rules and their reloader, the gRPC and admin servers,
 //! and graceful shutdown.
 //!
-//! [`run`] serves until `shutdown` completes, then stops accepting, marks itself unhealthy,
-//! drains in-flight calls (at most `shutdown.drain_timeout`), and stops the strategy.
+//! [`run`] serves until `shutdown` completes, then marks itself unhealthy while still serving
+//! for `shutdown.grace`, stops accepting, drains in-flight calls (at most
+//! `shutdown.drain_timeout`), and stops the strategy.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -45,6 +46,9 @@ pub enum ServerError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The settings hold values that cannot be used (see `Settings::check`).
+    #[error("invalid settings: {0}")]
+    Settings(String),
     /// The initial rules are invalid.
     #[error("invalid rules: {0}")]
     Rules(#[from] RulesError),
@@ -150,6 +154,11 @@ pub async fn run_with_ready(
     shutdown: impl Future<Output = ()>,
     ready: impl FnOnce(),
 ) -> Result<(), ServerError> {
+    let problems = settings.check();
+    if !problems.is_empty() {
+        let lines = problems.iter().map(|p| format!("{}: {}", p.key, p.problem));
+        return Err(ServerError::Settings(lines.collect::<Vec<_>>().join("; ")));
+    }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let (rules, source) = load_rules(&settings)?;
     info!(
@@ -226,11 +235,17 @@ pub async fn run_with_ready(
     ready();
     shutdown.await;
 
-    info!("shutting down: no new connections, draining in-flight calls");
+    // Fail health first and keep answering for the grace period, so load balancers and
+    // Envoy's health checks move traffic away before the listeners close.
     serving.store(false, Ordering::Release);
     health_reporter
         .set_not_serving::<RateLimitServiceServer<RateLimitGrpc>>()
         .await;
+    if !settings.shutdown.grace.is_zero() {
+        info!(grace = ?settings.shutdown.grace, "shutting down: health failing, still serving for the grace period");
+        tokio::time::sleep(settings.shutdown.grace).await;
+    }
+    info!("shutting down: no new connections, draining in-flight calls");
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(settings.shutdown.drain_timeout, async {
         let grpc = grpc.await;

@@ -15,6 +15,7 @@ use std::time::Duration;
 use figment::providers::{Format, Yaml};
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
+use hivemind_core::settings::{InvalidSetting, SettingsCheck};
 use serde::{Deserialize, Serialize};
 
 /// Where a settings file is looked for when none is named.
@@ -258,12 +259,18 @@ pub struct ShutdownSettings {
     /// How long in-flight calls may take to finish after SIGTERM before the server exits anyway.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// How long the server keeps serving after SIGTERM/SIGINT with its health already failing
+    /// (gRPC health NOT_SERVING, `/healthcheck` 503), so load balancers and Envoy's health
+    /// checks move traffic away before the listeners close.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
 }
 
 impl Default for ShutdownSettings {
     fn default() -> Self {
         ShutdownSettings {
             drain_timeout: Duration::from_secs(10),
+            grace: Duration::ZERO,
         }
     }
 }
@@ -278,6 +285,9 @@ pub enum SettingsError {
     /// names the key and the layer (file path, `HIVEMIND_` environment variables or flags).
     #[error("invalid settings: {0}")]
     Invalid(Box<figment::Error>),
+    /// Values that parse but cannot be used, one line each naming the setting and its layer.
+    #[error("invalid settings:\n  {}", .0.join("\n  "))]
+    OutOfRange(Vec<String>),
 }
 
 /// Values from command-line flags, the highest layer. Only flags given on the command line are
@@ -364,11 +374,71 @@ impl Settings {
             }
             SettingsFile::Default(_) => {}
         }
-        figment
-            .merge(env_layer(env))
-            .merge(flags)
+        let figment = figment.merge(env_layer(env)).merge(flags);
+        let settings: Settings = figment
             .extract()
-            .map_err(|e| SettingsError::Invalid(Box::new(e)))
+            .map_err(|e| SettingsError::Invalid(Box::new(e)))?;
+        let problems = settings.check();
+        if problems.is_empty() {
+            return Ok(settings);
+        }
+        let described = problems
+            .iter()
+            .map(|p| {
+                let layer = figment.find_metadata(&p.key).map_or_else(
+                    || "built-in defaults".to_owned(),
+                    |m| match &m.source {
+                        Some(source) => format!("{} {source}", m.name),
+                        None => m.name.to_string(),
+                    },
+                );
+                format!("{}: {} (set by {layer})", p.key, p.problem)
+            })
+            .collect();
+        Err(SettingsError::OutOfRange(described))
+    }
+
+    /// Every value that parses but cannot be used (zero intervals, overflowing durations, a mesh
+    /// reachable from other hosts without a secret), each naming its setting.
+    pub fn check(&self) -> Vec<InvalidSetting> {
+        let mut check = SettingsCheck::default();
+        let hour = Duration::from_secs(3600);
+        check.duration(
+            "rules.reload_interval",
+            self.rules.reload_interval,
+            Duration::from_millis(10),
+            hour,
+        );
+        check.duration(
+            "counters.sweep_interval",
+            self.counters.sweep_interval,
+            Duration::from_millis(10),
+            hour,
+        );
+        check.count(
+            "counters.max_keys",
+            self.counters.max_keys as u64,
+            1,
+            1 << 32,
+        );
+        check.count(
+            "grpc.max_message_bytes",
+            self.grpc.max_message_bytes as u64,
+            1024,
+            1 << 30,
+        );
+        check.duration(
+            "shutdown.drain_timeout",
+            self.shutdown.drain_timeout,
+            Duration::ZERO,
+            hour,
+        );
+        check.duration("shutdown.grace", self.shutdown.grace, Duration::ZERO, hour);
+        #[cfg(feature = "gossip")]
+        if self.strategy == StrategyKind::Gossip {
+            self.mesh.check(&mut check);
+        }
+        check.problems
     }
 
     /// The settings as YAML, for `--check-config`.
@@ -381,6 +451,10 @@ impl Settings {
         self.rules.path == Path::new(DEFAULT_RULES_PATH)
     }
 }
+
+/// Settings (by last path segment) whose environment values are taken as written, never parsed
+/// as numbers or booleans.
+const VERBATIM_SETTINGS: &[&str] = &["secret", "url", "node_id", "cluster_id", "key_prefix"];
 
 /// The `HIVEMIND_*` environment layer over the given variables (tests pass their own; the binary
 /// passes `std::env::vars()`). `HIVEMIND_SETTINGS` names the file and is not a setting.
@@ -396,7 +470,13 @@ fn env_layer(env: impl IntoIterator<Item = (String, String)>) -> impl Provider {
         let path = name[ENV_PREFIX.len()..]
             .to_ascii_lowercase()
             .replace("__", ".");
-        let parsed: Value = value.parse().unwrap_or_else(|_| Value::from(value.clone()));
+        // Secrets and URLs stay exactly as written: `0123` must not become the number 123.
+        let verbatim = VERBATIM_SETTINGS.iter().any(|k| path.ends_with(k));
+        let parsed: Value = if verbatim {
+            Value::from(value)
+        } else {
+            value.parse().unwrap_or_else(|_| Value::from(value.clone()))
+        };
         insert_path(&mut dict, &path, parsed);
     }
     EnvLayer(dict)
@@ -447,7 +527,12 @@ mod tests {
             "/config/hivemind.yaml"
         )));
         let settings = Settings::load(&shipped, vars(&[]), FlagValues::default()).unwrap();
-        assert_eq!(settings, Settings::default());
+        // The file names gossip, the default of a full build.
+        let expected = Settings {
+            strategy: StrategyKind::Gossip,
+            ..Settings::default()
+        };
+        assert_eq!(settings, expected);
     }
 
     #[test]
@@ -515,6 +600,109 @@ mod tests {
             let err = Settings::load(&none, vars(&[(name, value)]), FlagValues::default());
             assert!(err.is_err(), "{name}={value} was accepted");
         }
+    }
+
+    #[test]
+    fn values_that_would_crash_a_task_are_refused_naming_setting_and_layer() {
+        let none = SettingsFile::Default(PathBuf::from("/nonexistent"));
+        for (name, value, key) in [
+            (
+                "HIVEMIND_RULES__RELOAD_INTERVAL",
+                "0s",
+                "rules.reload_interval",
+            ),
+            (
+                "HIVEMIND_COUNTERS__SWEEP_INTERVAL",
+                "0s",
+                "counters.sweep_interval",
+            ),
+            ("HIVEMIND_COUNTERS__MAX_KEYS", "0", "counters.max_keys"),
+            ("HIVEMIND_SHUTDOWN__GRACE", "400years", "shutdown.grace"),
+        ] {
+            let err = Settings::load(&none, vars(&[(name, value)]), FlagValues::default())
+                .expect_err(&format!("{name}={value} was accepted"))
+                .to_string();
+            assert!(err.contains(key), "{err}");
+            assert!(err.contains("HIVEMIND_"), "{err}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let bad = file(&dir, "rules: { reload_interval: 0ms }\n");
+        let err = Settings::load(&bad, vars(&[]), FlagValues::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("rules.reload_interval") && err.contains("hivemind.yaml"),
+            "{err}"
+        );
+    }
+
+    #[cfg(feature = "gossip")]
+    #[test]
+    fn a_numeric_secret_keeps_every_character() {
+        let none = SettingsFile::Default(PathBuf::from("/nonexistent"));
+        let settings = Settings::load(
+            &none,
+            vars(&[
+                ("HIVEMIND_MESH__SECRET", "0123"),
+                ("HIVEMIND_MESH__NODE_ID", "007"),
+            ]),
+            FlagValues::default(),
+        )
+        .unwrap();
+        assert_eq!(settings.mesh.secret.as_deref(), Some("0123"));
+        assert_eq!(settings.mesh.node_id.as_deref(), Some("007"));
+        let dir = tempfile::tempdir().unwrap();
+        let unquoted = file(&dir, "mesh: { secret: 98765 }\n");
+        let err = Settings::load(&unquoted, vars(&[]), FlagValues::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("quote it"), "{err}");
+        assert!(!err.contains("98765"), "the secret is never printed: {err}");
+    }
+
+    #[cfg(feature = "gossip")]
+    #[test]
+    fn gossip_durations_are_bounded() {
+        let none = SettingsFile::Default(PathBuf::from("/nonexistent"));
+        for value in ["0s", "1ms", "100000000h"] {
+            let err = Settings::load(
+                &none,
+                vars(&[("HIVEMIND_MESH__GOSSIP_INTERVAL", value)]),
+                FlagValues::default(),
+            )
+            .expect_err(value)
+            .to_string();
+            assert!(err.contains("mesh.gossip_interval"), "{err}");
+        }
+    }
+
+    #[cfg(feature = "gossip")]
+    #[test]
+    fn a_mesh_other_hosts_can_reach_needs_a_secret_or_an_explicit_opt_out() {
+        let none = SettingsFile::Default(PathBuf::from("/nonexistent"));
+        let open = vars(&[("HIVEMIND_MESH__ADDR", "0.0.0.0:7946")]);
+        let err = Settings::load(&none, open.clone(), FlagValues::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("mesh.addr"), "{err}");
+        assert!(err.contains("mesh.secret"), "{err}");
+        assert!(
+            err.contains("HIVEMIND_MESH__SECRET"),
+            "says how to set one: {err}"
+        );
+
+        let mut with_secret = open.clone();
+        with_secret.push(("HIVEMIND_MESH__SECRET".into(), "s3cret".into()));
+        Settings::load(&none, with_secret, FlagValues::default()).unwrap();
+        let mut insecure = open.clone();
+        insecure.push(("HIVEMIND_MESH__INSECURE".into(), "true".into()));
+        Settings::load(&none, insecure, FlagValues::default()).unwrap();
+        // Loopback (the default) needs neither; another strategy opens no mesh at all.
+        let defaults = Settings::load(&none, vars(&[]), FlagValues::default()).unwrap();
+        assert!(defaults.mesh.addr.ip().is_loopback());
+        let mut standalone = open;
+        standalone.push(("HIVEMIND_STRATEGY".into(), "standalone".into()));
+        Settings::load(&none, standalone, FlagValues::default()).unwrap();
     }
 
     #[test]

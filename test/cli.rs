@@ -165,3 +165,21 @@ fn check_config_redacts_the_mesh_secret() {
     assert!(!stdout.contains("hunter2"), "{stdout}");
     assert!(!stderr.contains("hunter2"), "{stderr}");
 }
+
+#[cfg(feature = "gossip")]
+#[test]
+fn a_mesh_reachable_from_other_hosts_without_a_secret_refuses_to_start() {
+    let (code, _, stderr) = run(hivemind()
+        .args(["--mesh-addr", "0.0.0.0:0", "-a", "127.0.0.1:0"])
+        .args(["--admin-addr", "127.0.0.1:0"])
+        .env_remove("HIVEMIND_MESH__SECRET"));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("mesh.addr"), "{stderr}");
+    assert!(stderr.contains("HIVEMIND_MESH__SECRET"), "{stderr}");
+    assert!(stderr.contains("command-line flags"), "names the layer: {stderr}");
+
+    let (code, _, stderr) = run(hivemind()
+        .args(["--check-config", "--mesh-addr", "0.0.0.0:0"])
+        .env("HIVEMIND_MESH__INSECURE", "true"));
+    assert_eq!(code, 0, "an explicit opt-out is accepted: {stderr}");
+}

@@ -317,6 +317,62 @@ async fn grpc_health_reports_serving() {
     );
 }
 
+async fn grpc_health(addr: std::net::SocketAddr) -> i32 {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "envoy.service.ratelimit.v3.RateLimitService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+#[tokio::test]
+async fn shutdown_fails_health_first_and_serves_through_the_grace_period() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut server = InProc::start(RULES, |s| {
+        s.shutdown.grace = std::time::Duration::from_secs(3);
+    })
+    .await;
+    let mut client = server.client().await;
+    assert_eq!(
+        grpc_health(server.grpc_addr).await,
+        ServingStatus::Serving as i32
+    );
+    server.begin_stop();
+    // Within the grace period: health fails on both protocols, decisions still come.
+    let mut failing = false;
+    for _ in 0..200 {
+        let health = reqwest::get(server.admin_url("/healthcheck"))
+            .await
+            .unwrap();
+        if health.status() == 503 {
+            failing = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(failing, "/healthcheck still 200 after shutdown began");
+    assert_eq!(
+        grpc_health(server.grpc_addr).await,
+        ServingStatus::NotServing as i32
+    );
+    let r = ask(&mut client, request("test", &[&[("bulk", "x")]])).await;
+    assert_eq!(r.overall_code, OK, "still deciding during the grace period");
+    server
+        .stop()
+        .await
+        .expect("clean shutdown after the grace period");
+}
+
 #[tokio::test]
 async fn graceful_shutdown_returns_and_stops_listening() {
     let server = InProc::start(RULES, |_| {}).await;

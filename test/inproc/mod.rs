@@ -86,11 +86,16 @@ impl InProc {
             .unwrap_or_else(|e| panic!("GET {path}: not JSON: {e}"))
     }
 
-    /// Starts graceful shutdown and waits for `run` to return.
-    pub async fn stop(mut self) -> Result<(), ServerError> {
+    /// Starts graceful shutdown (as SIGTERM does) without waiting for it.
+    pub fn begin_stop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+
+    /// Starts graceful shutdown and waits for `run` to return.
+    pub async fn stop(mut self) -> Result<(), ServerError> {
+        self.begin_stop();
         (&mut self.task).await.expect("server task panicked")
     }
 }

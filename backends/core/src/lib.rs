@@ -10,7 +10,7 @@
 //!   memory.
 //! - [`sweeper`]: the background sweep of ended windows from the local counters.
 //! - [`standalone`]: the strategy that uses only the local counters.
-//! - [`serde_helpers`]: serde helpers the settings sections share (lists, secrets).
+//! - [`settings`]: what the settings sections share (list and secret serde, range checks).
 //! - `testsuite` (feature `testsuite`): the conformance suite every strategy runs.
 //!
 //! This crate has no network dependencies on purpose: the gRPC server and the gossip and Redis
@@ -19,7 +19,7 @@
 pub mod clock;
 pub mod counters;
 pub mod hit;
-pub mod serde_helpers;
+pub mod settings;
 pub mod standalone;
 pub mod status;
 pub mod strategy;

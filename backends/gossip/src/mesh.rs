@@ -165,6 +165,12 @@ impl Gossip {
             .local_addr()
             .map_err(|e| GossipError::Start(format!("mesh socket: {e}")))?;
         let config = settings.gossip_config(bound, context.counters.sweep_interval)?;
+        if settings.reachable_from_other_hosts() && config.secret.is_none() {
+            warn!(
+                addr = %bound,
+                "mesh.insecure: the mesh is reachable from other hosts without a secret; anyone who reaches it can join and publish counts"
+            );
+        }
         Gossip::start(
             config,
             socket,

@@ -6,6 +6,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use hivemind_core::settings::SettingsCheck;
+
 use crate::admission::Admission;
 use crate::mesh::GossipConfig;
 use crate::transport::MeshSecret;
@@ -17,13 +19,14 @@ use crate::transport::MeshSecret;
 pub struct MeshSettings {
     /// This node's id in the mesh (`--node-id`); generated when absent.
     pub node_id: Option<String>,
-    /// UDP address the mesh binds (`--mesh-addr`).
+    /// UDP address the mesh binds (`--mesh-addr`). Loopback by default: binding an address other
+    /// hosts can reach needs `secret` (or `insecure: true`).
     pub addr: SocketAddr,
     /// The address peers reach this node at; when absent, the bound address, or for an
     /// unspecified bind (0.0.0.0) the local address that routes to the first seed.
     pub advertise_addr: Option<SocketAddr>,
     /// Seed peers `host:port` to join through (`--peers`, comma-separated in flags and env).
-    #[serde(deserialize_with = "hivemind_core::serde_helpers::comma_separated")]
+    #[serde(deserialize_with = "hivemind_core::settings::comma_separated")]
     pub peers: Vec<String>,
     /// Nodes with another cluster id are ignored.
     pub cluster_id: String,
@@ -35,10 +38,13 @@ pub struct MeshSettings {
     pub dead_node_grace_period: Duration,
     /// A shared secret authenticating every mesh datagram (HMAC-SHA256); redacted in output.
     #[serde(
-        serialize_with = "hivemind_core::serde_helpers::redacted",
-        deserialize_with = "hivemind_core::serde_helpers::secret_string"
+        serialize_with = "hivemind_core::settings::redacted",
+        deserialize_with = "hivemind_core::settings::secret_string"
     )]
     pub secret: Option<String>,
+    /// Run a mesh reachable from other hosts without a secret: anyone who reaches the port can
+    /// join and publish counts. Logged as a warning at start. For trusted networks only.
+    pub insecure: bool,
     /// The most counter keys published per gossip interval; beyond it, keys nearest their
     /// limits go first.
     pub max_keys_per_round: usize,
@@ -54,13 +60,14 @@ impl Default for MeshSettings {
     fn default() -> Self {
         MeshSettings {
             node_id: None,
-            addr: SocketAddr::from(([0, 0, 0, 0], 7946)),
+            addr: SocketAddr::from(([127, 0, 0, 1], 7946)),
             advertise_addr: None,
             peers: Vec::new(),
             cluster_id: "hivemind".into(),
             gossip_interval: Duration::from_millis(100),
             dead_node_grace_period: Duration::from_secs(3600),
             secret: None,
+            insecure: false,
             max_keys_per_round: 3_000,
             extrapolate: true,
             fair_share: true,
@@ -80,6 +87,7 @@ impl std::fmt::Debug for MeshSettings {
             .field("gossip_interval", &self.gossip_interval)
             .field("dead_node_grace_period", &self.dead_node_grace_period)
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("insecure", &self.insecure)
             .field("max_keys_per_round", &self.max_keys_per_round)
             .field("extrapolate", &self.extrapolate)
             .field("fair_share", &self.fair_share)
@@ -94,6 +102,64 @@ impl std::fmt::Debug for MeshSettings {
 pub struct MeshSettingsError(String);
 
 impl MeshSettings {
+    /// Range and safety checks, run when the settings load: every problem, each naming its key.
+    pub fn check(&self, check: &mut SettingsCheck) {
+        check.duration(
+            "mesh.gossip_interval",
+            self.gossip_interval,
+            Duration::from_millis(10),
+            Duration::from_secs(60),
+        );
+        check.duration(
+            "mesh.dead_node_grace_period",
+            self.dead_node_grace_period,
+            Duration::from_secs(1),
+            Duration::from_secs(30 * 24 * 3600),
+        );
+        check.count(
+            "mesh.max_keys_per_round",
+            self.max_keys_per_round as u64,
+            1,
+            1_000_000,
+        );
+        if !(0.0..1.0).contains(&self.early_publish_fraction) {
+            check.invalid(
+                "mesh.early_publish_fraction",
+                format!("must be in [0, 1), not {}", self.early_publish_fraction),
+            );
+        }
+        if self
+            .node_id
+            .as_deref()
+            .is_some_and(|id| id.trim().is_empty())
+        {
+            check.invalid("mesh.node_id", "is empty; leave it unset to generate one");
+        }
+        if self.secret.as_deref().is_some_and(str::is_empty) {
+            check.invalid(
+                "mesh.secret",
+                "is empty; leave it unset or set a real secret",
+            );
+        }
+        if self.reachable_from_other_hosts() && self.secret.is_none() && !self.insecure {
+            check.invalid(
+                "mesh.addr",
+                format!(
+                    "{} is reachable from other hosts but the mesh has no secret: anyone who \
+                     reaches it could join and publish counts. Set mesh.secret (e.g. \
+                     HIVEMIND_MESH__SECRET=$(openssl rand -hex 32), the same on every node), \
+                     or mesh.insecure: true to run unauthenticated on a trusted network",
+                    self.addr
+                ),
+            );
+        }
+    }
+
+    /// Whether the mesh binds an address other hosts can reach (anything but loopback).
+    pub fn reachable_from_other_hosts(&self) -> bool {
+        !self.addr.ip().is_loopback()
+    }
+
     /// The gossip configuration for these settings, for a mesh socket bound at `bound`, with
     /// local counters swept every `sweep_interval`.
     pub fn gossip_config(
