@@ -4,7 +4,8 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     let well_known = protoc_bin_vendored::include_path()?;
-    // SAFETY-free: build scripts are single-threaded; prost-build reads PROTOC from the env.
+    // SAFETY: set_var is unsound only while another thread reads the environment; this build
+    // script has no other threads. prost-build reads PROTOC from the environment.
     unsafe { std::env::set_var("PROTOC", protoc) };
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     let roots = [

@@ -7,9 +7,9 @@
 //!
 //! Memory is bounded two ways: [`LocalCounters::sweep`] drops keys whose window has ended, and a
 //! `max_keys` cap (split evenly over the shards) evicts a shard's coldest keys (lowest count) when
-//! a new key would exceed it, so a
-//! flood of distinct keys can neither exhaust memory nor switch enforcement off: every key, new or
-//! old, is still limited. Each eviction is counted in [`CounterStats`] and logged by the caller.
+//! a new key would exceed it. So a flood of distinct keys can neither exhaust memory nor switch
+//! enforcement off: every key, new or old, is still limited. Each eviction is counted in
+//! [`CounterStats`] and logged by the caller.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
