@@ -176,7 +176,10 @@ fn a_mesh_reachable_from_other_hosts_without_a_secret_refuses_to_start() {
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("mesh.addr"), "{stderr}");
     assert!(stderr.contains("HIVEMIND_MESH__SECRET"), "{stderr}");
-    assert!(stderr.contains("command-line flags"), "names the layer: {stderr}");
+    assert!(
+        stderr.contains("command-line flags"),
+        "names the layer: {stderr}"
+    );
 
     let (code, _, stderr) = run(hivemind()
         .args(["--check-config", "--mesh-addr", "0.0.0.0:0"])

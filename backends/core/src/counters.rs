@@ -100,11 +100,13 @@ impl Slot {
         }
     }
 
-    /// The count in `window`: a count from an older window is zero. A count from a newer window
-    /// (another request read the clock a moment later) is taken as current.
+    /// The count in `window`: a count from an older window is zero. A count from the next window
+    /// (another request read the clock a moment later) is taken as current. A count from further
+    /// ahead is stale (the clock stepped back): zero, so the key is not blocked until the clock
+    /// catches up.
     fn count_in(state: u64, window: u32) -> (u32, u32) {
         let (stored, count) = unpack(state);
-        if stored >= window {
+        if stored == window || stored == window.wrapping_add(1) {
             (stored, count)
         } else {
             (window, 0)
@@ -177,8 +179,12 @@ impl Slot {
         }
     }
 
+    /// Whether the count belongs to an ended window, or to one more than a window ahead (left by
+    /// a clock that stepped back).
     fn expired(&self, now: UnixTime) -> bool {
-        unpack(self.state.load(Ordering::Acquire)).0 < window_tag(now, self.unit)
+        let stored = unpack(self.state.load(Ordering::Acquire)).0;
+        let window = window_tag(now, self.unit);
+        stored < window || stored > window.wrapping_add(1)
     }
 }
 
@@ -357,7 +363,7 @@ impl LocalCounters {
             for (key, slot) in read(shard).iter() {
                 let window = window_tag(now, slot.unit);
                 let (stored, count) = unpack(slot.state.load(Ordering::Acquire));
-                if stored >= window && count > 0 {
+                if (stored == window || stored == window.wrapping_add(1)) && count > 0 {
                     f(CounterSnapshot {
                         key,
                         unit: slot.unit,
@@ -482,6 +488,39 @@ mod tests {
             [(false, 2), (false, 1), (false, 0), (true, 0), (true, 0)]
         );
         assert_eq!(counters.count("k", Unit::Minute, T0), 3);
+    }
+
+    #[test]
+    fn a_clock_stepping_back_does_not_leave_a_full_key_blocked() {
+        let counters = LocalCounters::new(100);
+        let h = [hit("k", 2, Unit::Second, 1, Enforcement::Enforce)];
+        let ahead = T0.plus(std::time::Duration::from_secs(30));
+        // The clock ran 30 s ahead and the key filled up there.
+        assert!(!counters.check(&h, ahead)[0].over_limit);
+        assert!(!counters.check(&h, ahead)[0].over_limit);
+        assert!(counters.check(&h, ahead)[0].over_limit);
+        // Stepped back: that window is 30 ahead, stale, not the current one.
+        let back = counters.check(&h, T0)[0];
+        assert!(
+            !back.over_limit,
+            "blocked by a window the clock left behind"
+        );
+        assert_eq!(back.count, 1);
+        // A count one window ahead (a request that read the clock a moment later) still counts.
+        let next = T0.plus(std::time::Duration::from_secs(1));
+        assert!(!counters.check(&h, next)[0].over_limit);
+        assert_eq!(
+            counters.count("k", Unit::Second, T0),
+            1,
+            "window T0+1 is taken as current"
+        );
+        // A sweep drops a key stored far ahead.
+        counters.check(
+            &[hit("far", 2, Unit::Second, 1, Enforcement::Enforce)],
+            ahead,
+        );
+        counters.sweep(T0);
+        assert_eq!(counters.count("far", Unit::Second, ahead), 0);
     }
 
     #[test]

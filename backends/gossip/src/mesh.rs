@@ -26,7 +26,7 @@ use crate::admission::Admission;
 use crate::publish::Publisher;
 use crate::settings::MeshSettings;
 use crate::transport::{LinkControl, MeshSecret, MeshTransport, TransportCounts, TransportStats};
-use crate::view::{PeerTracker, PeerView};
+use crate::view::{PeerTracker, PeerView, Refused};
 use crate::wire::{decode_entry_key, key_hash, millis_tag, CountEntry, COUNTER_PREFIX};
 
 /// Peer publications queued between chitchat's callback and the absorber; beyond it they are
@@ -133,6 +133,11 @@ struct Shared {
     peer_keys: AtomicU64,
     /// Publications dropped on a full absorber queue.
     absorb_dropped: AtomicU64,
+    /// Peer input the tracker refused, by reason (written by the absorber).
+    refused: Mutex<Refused>,
+    /// Live peers (written by the membership task): a key's peer count is clamped to
+    /// `limit × live peers`, the most they could have admitted.
+    live_peers: AtomicU64,
     /// Datagram counters of the mesh socket.
     transport: Arc<TransportStats>,
 }
@@ -233,6 +238,8 @@ impl Gossip {
             backlog: AtomicU64::new(0),
             peer_keys: AtomicU64::new(0),
             absorb_dropped: AtomicU64::new(0),
+            refused: Mutex::new(Refused::default()),
+            live_peers: AtomicU64::new(0),
             transport: transport.stats(),
         });
 
@@ -366,18 +373,23 @@ impl SyncStrategy for Gossip {
         let shared = &self.shared;
         let now_millis = millis_tag(now);
         let horizon = shared.admission.read_horizon();
+        let live_peers = shared.live_peers.load(Ordering::Relaxed);
         // One buffer: what admission counts against each hit's limit (first half), then the
         // peers' estimate each decision reports (second half).
         let n = batch.len();
         let mut offsets = vec![0u32; 2 * n];
         for (i, hit) in batch.iter().enumerate() {
             let unit = hit.limit.unit;
-            let peers = shared.view.estimate(
+            let mut peers = shared.view.estimate(
                 key_hash(&hit.key),
                 window_tag(now, unit),
                 now_millis,
                 horizon,
             );
+            // No peer admits more than the limit in a window: a larger sum is forged or
+            // stale, and is clamped so it cannot overflow the arithmetic below.
+            let most = u64::from(hit.limit.requests_per_unit) * live_peers.max(1);
+            peers.clamp_total(u32::try_from(most).unwrap_or(u32::MAX));
             let own = if shared.admission.needs_own_count(&peers) {
                 shared.counters.count(&hit.key, unit, now)
             } else {
@@ -457,6 +469,7 @@ impl SyncStrategy for Gossip {
                 "peer_keys": m.peer_keys,
                 "backlog": m.backlog,
                 "absorb_dropped": m.absorb_dropped,
+                "refused": self.refused_json(),
                 "transport": transport_json(&m.transport),
             }),
         }
@@ -491,7 +504,22 @@ impl Gossip {
             "peer_keys": m.peer_keys,
             "backlog": m.backlog,
             "absorb_dropped": m.absorb_dropped,
+            "refused": self.refused_json(),
             "transport": transport_json(&m.transport),
+        })
+    }
+
+    fn refused_json(&self) -> serde_json::Value {
+        let r = *self
+            .shared
+            .refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        json!({
+            "ended_window": r.ended_window,
+            "future_window": r.future_window,
+            "key_cap": r.key_cap,
+            "node_cap": r.node_cap,
         })
     }
 }
@@ -516,7 +544,7 @@ async fn absorb(
     _listener: chitchat::ListenerHandle,
     stale_after_millis: u32,
 ) {
-    let mut tracker = PeerTracker::new(stale_after_millis);
+    let mut tracker = PeerTracker::with_key_cap(stale_after_millis, shared.counters.max_keys());
     let mut nodes: BTreeMap<ChitchatId, u32> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -529,15 +557,19 @@ async fn absorb(
                 let mut applied = 0;
                 while let Some((node, hash, entry)) = next.take() {
                     let index = match nodes.get(&node) {
-                        Some(index) => *index,
+                        Some(index) => Some(*index),
                         None => {
                             let index = tracker
                                 .node_index(&format!("{}/{}", node.node_id, node.generation_id));
-                            nodes.insert(node, index);
+                            if let Some(index) = index {
+                                nodes.insert(node, index);
+                            }
                             index
                         }
                     };
-                    tracker.apply(&shared.view, index, hash, entry, clock.now());
+                    if let Some(index) = index {
+                        tracker.apply(&shared.view, index, hash, entry, clock.now());
+                    }
                     applied += 1;
                     if applied < ABSORB_BATCH {
                         next = rx.try_recv().ok();
@@ -547,7 +579,12 @@ async fn absorb(
             }
             _ = tick.tick() => {
                 tracker.tick(&shared.view, clock.now());
+                // Forget the ids of peers the tracker forgot (nothing left in any window).
+                if nodes.len() > tracker.nodes() {
+                    nodes.retain(|_, index| tracker.has_node(*index));
+                }
                 shared.peer_keys.store(tracker.keys() as u64, Ordering::Relaxed);
+                *shared.refused.lock().unwrap_or_else(PoisonError::into_inner) = tracker.refused();
             }
         }
     }
@@ -632,6 +669,9 @@ async fn watch_membership(
             .membership
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        shared
+            .live_peers
+            .store(live.len() as u64, Ordering::Relaxed);
         membership.live = live;
         membership.dead = dead;
     }

@@ -386,7 +386,7 @@ mod tests {
         let counters = LocalCounters::new(100);
         let view = PeerView::default();
         let mut tracker = crate::view::PeerTracker::new(1_000);
-        let peer = tracker.node_index("peer/1");
+        let peer = tracker.node_index("peer/1").unwrap();
         let entry = CountEntry {
             unit: Unit::Minute,
             window: window_tag(T0, Unit::Minute),

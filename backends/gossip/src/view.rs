@@ -62,6 +62,12 @@ impl PeerEstimate {
     pub fn total(&self) -> u32 {
         self.published.saturating_add(self.extrapolated)
     }
+
+    /// Caps the estimate at `most` (the published count first, then the extrapolation).
+    pub fn clamp_total(&mut self, most: u32) {
+        self.published = self.published.min(most);
+        self.extrapolated = self.extrapolated.min(most - self.published);
+    }
 }
 
 /// One shard: key hash → slot. Replaced whole (copy-on-write) when keys come or go.
@@ -214,6 +220,10 @@ impl PeerView {
     }
 }
 
+/// The most peers (node id and generation) tracked at once. Far above any real mesh; a flood of
+/// fake node ids beyond it is dropped and counted instead of growing memory.
+pub const MAX_PEER_NODES: usize = 1_024;
+
 /// One peer's last publication for one key.
 #[derive(Debug, Clone, Copy)]
 struct PeerCount {
@@ -223,34 +233,107 @@ struct PeerCount {
     entry: CountEntry,
     /// Its rate on the key (hits/s), smoothed over publications.
     rate: f32,
+    /// When this node received it (its own clock, ms since the epoch, 64 bits): staleness is
+    /// judged by the receiver's clock, whatever the peer's clock says and however long ago.
+    received_millis: u64,
+}
+
+/// Every peer's last publication for one key.
+#[derive(Debug, Default)]
+struct KeyRecords {
+    /// The window the key's slot in the view shows, so a window change refreshes it.
+    shown: u32,
+    /// One record per peer (few peers per key: a Vec).
+    records: Vec<PeerCount>,
+}
+
+/// Peer input the tracker refused, by reason (shown in `/mesh` and metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Refused {
+    /// Publications for a window that has ended by this node's clock.
+    pub ended_window: u64,
+    /// Publications for a window more than one ahead of this node's clock (a peer's clock far
+    /// ahead, or a forged window meant to hide real counts).
+    pub future_window: u64,
+    /// New keys of a peer that already has `max_keys_per_peer`.
+    pub key_cap: u64,
+    /// Publications of a node beyond [`MAX_PEER_NODES`].
+    pub node_cap: u64,
 }
 
 /// The writer side: every peer's publications, folded into the [`PeerView`].
+///
+/// Peer input is untrusted: only the current and the next window (by this node's clock) are
+/// kept, keys per peer and peers are capped, and peers with nothing left are forgotten.
 #[derive(Debug)]
 pub struct PeerTracker {
     /// Node (id and generation) → small index, so per-key records stay small.
     nodes: HashMap<String, u32>,
-    /// Counter key hash → each peer's last publication (few peers per key: a Vec).
-    keys: HashMap<u64, Vec<PeerCount>, foldhash::fast::RandomState>,
+    /// Records held per node index; a node whose count drops to zero is forgotten.
+    node_keys: HashMap<u32, usize>,
+    /// The next node index to hand out.
+    next_node: u32,
+    /// Counter key hash → each peer's last publication.
+    keys: HashMap<u64, KeyRecords, foldhash::fast::RandomState>,
     /// A publication older than this no longer contributes its rate (the peer stopped hitting
     /// the key, or died): its count stays, its extrapolation stops.
     stale_after_millis: u32,
+    /// The most keys one peer may have tracked (this node's own key cap).
+    max_keys_per_peer: usize,
+    /// What was refused, by reason.
+    refused: Refused,
 }
 
 impl PeerTracker {
-    /// A tracker whose rates go stale after `stale_after_millis` without a publication.
+    /// A tracker whose rates go stale after `stale_after_millis` without a publication, with
+    /// at most a million keys per peer.
     pub fn new(stale_after_millis: u32) -> Self {
+        Self::with_key_cap(stale_after_millis, 1_000_000)
+    }
+
+    /// [`PeerTracker::new`] with at most `max_keys_per_peer` keys tracked per peer.
+    pub fn with_key_cap(stale_after_millis: u32, max_keys_per_peer: usize) -> Self {
         PeerTracker {
             nodes: HashMap::new(),
+            node_keys: HashMap::new(),
+            next_node: 0,
             keys: HashMap::default(),
             stale_after_millis,
+            max_keys_per_peer: max_keys_per_peer.max(1),
+            refused: Refused::default(),
         }
     }
 
-    /// The index of a node (`id/generation`), interned.
-    pub fn node_index(&mut self, node: &str) -> u32 {
-        let next = self.nodes.len() as u32;
-        *self.nodes.entry(node.to_owned()).or_insert(next)
+    /// The index of a node (`id/generation`), interned; `None` (counted) when
+    /// [`MAX_PEER_NODES`] are already tracked.
+    pub fn node_index(&mut self, node: &str) -> Option<u32> {
+        if let Some(index) = self.nodes.get(node) {
+            return Some(*index);
+        }
+        if self.nodes.len() >= MAX_PEER_NODES {
+            self.refused.node_cap += 1;
+            return None;
+        }
+        let index = self.next_node;
+        self.next_node = self.next_node.wrapping_add(1);
+        self.nodes.insert(node.to_owned(), index);
+        self.node_keys.insert(index, 0);
+        Some(index)
+    }
+
+    /// Whether node index `index` is still tracked (forgotten once it holds no record).
+    pub fn has_node(&self, index: u32) -> bool {
+        self.node_keys.contains_key(&index)
+    }
+
+    /// Peers tracked.
+    pub fn nodes(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// What was refused so far.
+    pub fn refused(&self) -> Refused {
+        self.refused
     }
 
     /// Applies one publication of `node` for key `hash`, received at `now`, and refreshes the
@@ -264,56 +347,88 @@ impl PeerTracker {
         entry: CountEntry,
         now: UnixTime,
     ) {
-        let records = self.keys.entry(hash).or_default();
-        match records.iter_mut().find(|r| r.node == node) {
+        let current = window_tag(now, entry.unit);
+        if entry.window < current {
+            self.refused.ended_window += 1;
+            return;
+        }
+        if entry.window > current.saturating_add(1) {
+            self.refused.future_window += 1;
+            return;
+        }
+        let received_millis = u64::try_from(now.since_epoch().as_millis()).unwrap_or(u64::MAX);
+        let held = self.node_keys.get(&node).copied().unwrap_or(0);
+        let key = self.keys.entry(hash).or_default();
+        match key.records.iter_mut().find(|r| r.node == node) {
             Some(record) => {
                 let last = record.entry;
+                let later = millis_since(last.at_millis, entry.at_millis);
+                // Within a window a peer's count only grows (a G-counter); a same-count
+                // republication only matters if it is newer.
                 if entry.window < last.window
-                    || (entry.window == last.window
-                        && millis_since(last.at_millis, entry.at_millis) == 0)
+                    || (entry.window == last.window && entry.count <= last.count && later == 0)
                 {
                     return; // older than what we have, or a duplicate
                 }
                 if entry.window == last.window {
-                    let gap = millis_since(last.at_millis, entry.at_millis).max(1);
+                    let gap = if later > 0 {
+                        u64::from(later)
+                    } else {
+                        received_millis.saturating_sub(record.received_millis)
+                    };
                     let instant =
-                        entry.count.saturating_sub(last.count) as f32 * 1000.0 / gap as f32;
+                        entry.count.saturating_sub(last.count) as f32 * 1000.0 / gap.max(1) as f32;
                     record.rate = 0.5 * record.rate + 0.5 * instant;
                 }
                 // A new window keeps the rate: traffic does not stop at a boundary.
                 record.entry = entry;
+                record.received_millis = received_millis;
             }
             None => {
+                if held >= self.max_keys_per_peer {
+                    self.refused.key_cap += 1;
+                    if key.records.is_empty() {
+                        self.keys.remove(&hash);
+                    }
+                    return;
+                }
                 // First sight: the average rate since the window began.
                 let into_window = now
                     .since_epoch()
                     .saturating_sub(Window::containing(now, entry.unit).start().since_epoch())
                     .as_millis()
                     .max(100) as f32;
-                records.push(PeerCount {
+                key.records.push(PeerCount {
                     node,
                     entry,
                     rate: entry.count as f32 * 1000.0 / into_window,
+                    received_millis,
                 });
+                if let Some(held) = self.node_keys.get_mut(&node) {
+                    *held += 1;
+                }
             }
         }
-        Self::fold(
-            view,
-            hash,
-            records,
-            millis_tag(now),
-            self.stale_after_millis,
-        );
+        Self::fold(view, hash, key, now, self.stale_after_millis);
     }
 
-    /// Recomputes one key's slot from its records: the newest window among them, the sum of
-    /// counts in it, and the rate-weighted age of the fresh ones.
-    fn fold(view: &PeerView, hash: u64, records: &[PeerCount], now_millis: u32, stale_after: u32) {
-        let Some(window) = records.iter().map(|r| r.entry.window).max() else {
+    /// Recomputes one key's slot from its records: the current window by this node's clock if
+    /// any peer counts in it, else the next one (a peer whose clock runs a little ahead, or a
+    /// boundary just crossed there); the sum of counts in it; the rate-weighted age of the fresh
+    /// ones. A peer publishing ahead never hides the peers counting in the current window.
+    fn fold(view: &PeerView, hash: u64, key: &mut KeyRecords, now: UnixTime, stale_after: u32) {
+        let Some(unit) = key.records.first().map(|r| r.entry.unit) else {
             return;
         };
+        let current = window_tag(now, unit);
+        let window = if key.records.iter().any(|r| r.entry.window == current) {
+            current
+        } else {
+            current.saturating_add(1)
+        };
+        let now_millis = millis_tag(now);
         let (mut sum, mut rate, mut weighted_age) = (0u32, 0f64, 0f64);
-        for r in records.iter().filter(|r| r.entry.window == window) {
+        for r in key.records.iter().filter(|r| r.entry.window == window) {
             sum = sum.saturating_add(r.entry.count);
             let age = millis_since(r.entry.at_millis, now_millis);
             if age <= stale_after && r.rate > 0.0 {
@@ -323,35 +438,62 @@ impl PeerTracker {
         }
         let age = if rate > 0.0 { weighted_age / rate } else { 0.0 };
         let as_of = now_millis.wrapping_sub(age as u32);
+        key.shown = window;
         view.store(hash, window, sum, rate as f32, as_of);
     }
 
-    /// Housekeeping, run periodically: drops keys whose window has ended (in the tracker and the
-    /// view) and stops extrapolating stale publications. Returns how many keys were dropped.
+    /// Housekeeping, run periodically: drops records outside the current and next window (in
+    /// the tracker and the view; a clock that stepped back leaves far-future ones), stops
+    /// extrapolating stale publications, shows the new window once it begins, and forgets
+    /// peers with nothing left. Returns how many keys were dropped.
     pub fn tick(&mut self, view: &PeerView, now: UnixTime) -> usize {
-        let now_millis = millis_tag(now);
+        let now_ms = u64::try_from(now.since_epoch().as_millis()).unwrap_or(u64::MAX);
         let stale_after = self.stale_after_millis;
+        let node_keys = &mut self.node_keys;
         let mut dropped = 0;
-        self.keys.retain(|hash, records| {
-            records.retain(|r| r.entry.window >= window_tag(now, r.entry.unit));
-            if records.is_empty() {
+        self.keys.retain(|hash, key| {
+            key.records.retain(|r| {
+                let current = window_tag(now, r.entry.unit);
+                let keep = r.entry.window >= current && r.entry.window <= current.saturating_add(1);
+                if !keep {
+                    if let Some(held) = node_keys.get_mut(&r.node) {
+                        *held = held.saturating_sub(1);
+                    }
+                }
+                keep
+            });
+            if key.records.is_empty() {
                 view.remove(*hash);
                 dropped += 1;
                 return false;
             }
-            let refresh = records
-                .iter()
-                .any(|r| r.rate > 0.0 && millis_since(r.entry.at_millis, now_millis) > stale_after);
-            if refresh {
-                for r in records.iter_mut() {
-                    if millis_since(r.entry.at_millis, now_millis) > stale_after {
-                        r.rate = 0.0;
-                    }
+            let mut refresh = false;
+            for r in key.records.iter_mut() {
+                if r.rate > 0.0 && now_ms.saturating_sub(r.received_millis) > u64::from(stale_after)
+                {
+                    r.rate = 0.0;
+                    refresh = true;
                 }
-                Self::fold(view, *hash, records, now_millis, stale_after);
+            }
+            let current = window_tag(now, key.records[0].entry.unit);
+            if key.shown != current && key.records.iter().any(|r| r.entry.window == current) {
+                refresh = true;
+            }
+            if refresh {
+                Self::fold(view, *hash, key, now, stale_after);
             }
             true
         });
+        let gone: Vec<u32> = self
+            .node_keys
+            .iter()
+            .filter(|(_, held)| **held == 0)
+            .map(|(index, _)| *index)
+            .collect();
+        if !gone.is_empty() {
+            self.node_keys.retain(|_, held| *held > 0);
+            self.nodes.retain(|_, index| !gone.contains(index));
+        }
         view.flush();
         dropped
     }
@@ -388,7 +530,10 @@ mod tests {
     fn the_global_count_is_the_sum_over_peers() {
         let view = PeerView::default();
         let mut tracker = PeerTracker::new(1_000);
-        let (a, b) = (tracker.node_index("a/1"), tracker.node_index("b/1"));
+        let (a, b) = (
+            tracker.node_index("a/1").unwrap(),
+            tracker.node_index("b/1").unwrap(),
+        );
         tracker.apply(&view, a, 7, entry(10, T0), T0);
         view.flush();
         tracker.apply(&view, b, 7, entry(5, T0), T0);
@@ -407,7 +552,7 @@ mod tests {
     fn older_or_duplicate_publications_are_ignored() {
         let view = PeerView::default();
         let mut tracker = PeerTracker::new(1_000);
-        let a = tracker.node_index("a/1");
+        let a = tracker.node_index("a/1").unwrap();
         tracker.apply(&view, a, 1, entry(10, T0.plus(ms(200))), T0.plus(ms(200)));
         view.flush();
         tracker.apply(&view, a, 1, entry(4, T0.plus(ms(100))), T0.plus(ms(300)));
@@ -422,7 +567,7 @@ mod tests {
     fn rates_extrapolate_up_to_the_horizon_then_go_stale() {
         let view = PeerView::default();
         let mut tracker = PeerTracker::new(500);
-        let a = tracker.node_index("a/1");
+        let a = tracker.node_index("a/1").unwrap();
         // 100 hits per 100 ms = 1,000/s, steadily.
         for i in 0..5u64 {
             let at = T0.plus(ms(100 * i));
@@ -448,7 +593,7 @@ mod tests {
     fn a_dead_peers_counts_stay_until_the_window_ends() {
         let view = PeerView::default();
         let mut tracker = PeerTracker::new(500);
-        let a = tracker.node_index("a/1");
+        let a = tracker.node_index("a/1").unwrap();
         tracker.apply(&view, a, 1, entry(30, T0), T0);
         view.flush();
         let w = window_tag(T0, Unit::Minute);
@@ -464,8 +609,8 @@ mod tests {
     fn a_restarted_peer_is_a_new_node_and_the_old_counts_remain() {
         let view = PeerView::default();
         let mut tracker = PeerTracker::new(500);
-        let old = tracker.node_index("a/1");
-        let new = tracker.node_index("a/2");
+        let old = tracker.node_index("a/1").unwrap();
+        let new = tracker.node_index("a/2").unwrap();
         assert_ne!(old, new);
         tracker.apply(&view, old, 1, entry(30, T0), T0);
         view.flush();
@@ -479,7 +624,7 @@ mod tests {
     fn new_keys_reach_readers_at_the_flush_and_updates_in_place() {
         let view = PeerView::default();
         let mut tracker = PeerTracker::new(500);
-        let a = tracker.node_index("a/1");
+        let a = tracker.node_index("a/1").unwrap();
         let w = window_tag(T0, Unit::Minute);
         for hash in 0..1_000u64 {
             tracker.apply(&view, a, hash << 50, entry(1, T0), T0);
@@ -504,11 +649,127 @@ mod tests {
         view.set_own_rate(1, 5.0);
         assert!(view.is_empty());
         let mut tracker = PeerTracker::new(500);
-        let a = tracker.node_index("a/1");
+        let a = tracker.node_index("a/1").unwrap();
         tracker.apply(&view, a, 1, entry(3, T0), T0);
         view.flush();
         view.set_own_rate(1, 5.0);
         let w = window_tag(T0, Unit::Minute);
         assert_eq!(view.estimate(1, w, 0, 0).own_rate, 5.0);
+    }
+
+    fn at_window(count: u32, at: UnixTime, window: u32) -> CountEntry {
+        CountEntry {
+            window,
+            ..entry(count, at)
+        }
+    }
+
+    #[test]
+    fn only_the_current_and_next_window_are_taken_from_peers() {
+        let view = PeerView::default();
+        let mut tracker = PeerTracker::new(1_000);
+        let (a, b) = (
+            tracker.node_index("a/1").unwrap(),
+            tracker.node_index("b/1").unwrap(),
+        );
+        let w = window_tag(T0, Unit::Minute);
+        // A forged far-future window would hide every real peer's count: refused.
+        tracker.apply(&view, a, 1, at_window(u32::MAX, T0, w + 1_000), T0);
+        tracker.apply(&view, a, 1, at_window(5, T0, w - 1), T0);
+        view.flush();
+        assert_eq!(tracker.refused().future_window, 1);
+        assert_eq!(tracker.refused().ended_window, 1);
+        assert!(view.is_empty());
+        // A peer whose clock runs a little ahead publishes the next window; the peer counting
+        // in the current one is not hidden by it.
+        tracker.apply(&view, a, 1, at_window(7, T0, w + 1), T0);
+        view.flush();
+        tracker.apply(&view, b, 1, entry(4, T0), T0);
+        view.flush();
+        assert_eq!(view.estimate(1, w, millis_tag(T0), 0).published, 4);
+        // Once the next window begins here, the ahead peer's count shows, without waiting for
+        // its next publication.
+        let next = T0.plus(Duration::from_secs(20));
+        tracker.tick(&view, next);
+        assert_eq!(view.estimate(1, w + 1, millis_tag(next), 0).published, 7);
+    }
+
+    #[test]
+    fn a_clock_stepping_back_drops_far_future_records() {
+        let view = PeerView::default();
+        let mut tracker = PeerTracker::new(1_000);
+        let a = tracker.node_index("a/1").unwrap();
+        let ahead = T0.plus(Duration::from_secs(600));
+        tracker.apply(&view, a, 1, entry(9, ahead), ahead);
+        view.flush();
+        assert_eq!(tracker.keys(), 1);
+        // Our clock stepped back ten minutes: that window is ten ahead, stale.
+        assert_eq!(tracker.tick(&view, T0), 1);
+        assert!(view.is_empty());
+    }
+
+    #[test]
+    fn keys_per_peer_and_peers_are_capped_and_gone_peers_are_forgotten() {
+        let view = PeerView::default();
+        let mut tracker = PeerTracker::with_key_cap(1_000, 10);
+        let a = tracker.node_index("a/1").unwrap();
+        for hash in 0..50u64 {
+            tracker.apply(&view, a, hash << 50, entry(1, T0), T0);
+        }
+        view.flush();
+        assert_eq!(tracker.keys(), 10);
+        assert_eq!(tracker.refused().key_cap, 40);
+        for i in 0..(MAX_PEER_NODES + 100) {
+            let _ = tracker.node_index(&format!("fake-{i}/1"));
+        }
+        assert_eq!(tracker.nodes(), MAX_PEER_NODES);
+        assert!(tracker.refused().node_cap >= 100);
+        // Nodes with no record are forgotten at the next tick; so is `a` once its window ends.
+        tracker.tick(&view, T0);
+        assert_eq!(tracker.nodes(), 1);
+        assert!(tracker.has_node(a));
+        tracker.tick(&view, T0.plus(Duration::from_secs(20)));
+        assert_eq!(tracker.nodes(), 0);
+        assert!(!tracker.has_node(a));
+    }
+
+    #[test]
+    fn a_month_long_silence_does_not_freeze_a_key() {
+        // Month windows: a peer republishing 30 days later (its millisecond tag wrapped past
+        // half of 2^32) with a higher count is taken, not mistaken for a duplicate.
+        let view = PeerView::default();
+        let mut tracker = PeerTracker::new(1_000);
+        let a = tracker.node_index("a/1").unwrap();
+        let start = UnixTime::from_secs(1_700_000_000 / 2_592_000 * 2_592_000 + 60);
+        let month = |count, at: UnixTime| CountEntry {
+            unit: Unit::Month,
+            window: window_tag(at, Unit::Month),
+            count,
+            at_millis: millis_tag(at),
+        };
+        tracker.apply(&view, a, 1, month(3, start), start);
+        let later = start.plus(Duration::from_secs(26 * 24 * 3600));
+        tracker.apply(&view, a, 1, month(8, later), later);
+        view.flush();
+        let w = window_tag(later, Unit::Month);
+        assert_eq!(view.estimate(1, w, millis_tag(later), 0).published, 8);
+    }
+
+    #[test]
+    fn an_estimate_is_clamped_to_what_peers_could_admit() {
+        let mut estimate = PeerEstimate {
+            published: u32::MAX,
+            extrapolated: 5,
+            ..PeerEstimate::default()
+        };
+        estimate.clamp_total(200);
+        assert_eq!((estimate.published, estimate.extrapolated), (200, 0));
+        let mut small = PeerEstimate {
+            published: 50,
+            extrapolated: 500,
+            ..PeerEstimate::default()
+        };
+        small.clamp_total(200);
+        assert_eq!(small.total(), 200);
     }
 }
