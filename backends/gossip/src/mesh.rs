@@ -11,14 +11,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
 use hivemind_core::{
-    window_tag, Clock, CounterReport, Decision, Health, Hit, LocalCounters, StrategyContext,
-    StrategyError, StrategyStatus, Sweeper, SyncStrategy, UnixTime,
+    window_tag, Clock, CounterReport, Decision, Health, HealthState, Hit, LocalCounters,
+    StrategyContext, StrategyError, StrategyStatus, Sweeper, SyncStrategy, UnixTime,
 };
 use serde_json::json;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -138,8 +139,25 @@ struct Shared {
     /// Live peers (written by the membership task): a key's peer count is clamped to
     /// `limit × live peers`, the most they could have admitted.
     live_peers: AtomicU64,
-    /// Datagram counters of the mesh socket.
-    transport: Arc<TransportStats>,
+    /// Datagram counters of the current mesh socket (replaced when the mesh restarts).
+    transport: ArcSwap<TransportStats>,
+    /// This node's chitchat id and whether its chitchat task runs (the supervisor writes it).
+    mesh: Mutex<MeshState>,
+    /// Wakes the supervisor to abort the chitchat task (fault injection).
+    crash: Notify,
+}
+
+/// The chitchat task as the supervisor last saw it.
+#[derive(Debug, Clone)]
+struct MeshState {
+    /// This node's id; the generation grows with every restart.
+    id: ChitchatId,
+    /// Whether the chitchat task runs.
+    up: bool,
+    /// Times the mesh was restarted after its task ended.
+    restarts: u64,
+    /// Why the task last ended.
+    last_failure: Option<String>,
 }
 
 /// The `gossip` strategy. Dropping it (or [`SyncStrategy::shutdown`]) stops the node.
@@ -148,14 +166,243 @@ pub struct Gossip {
     shared: Arc<Shared>,
     /// Drops ended windows from the local counters; stopped with the node.
     sweeper: Sweeper,
-    /// Chitchat; dropping the handle stops gossiping.
-    chitchat: Mutex<Option<ChitchatHandle>>,
-    /// Publisher, absorber and membership tasks, aborted on shutdown.
-    tasks: Mutex<Vec<JoinHandle<()>>>,
-    /// Cuts links to chosen peers (tests of partitions).
+    /// Set to stop the supervisor, which shuts chitchat down cleanly.
+    stop: watch::Sender<bool>,
+    /// Runs chitchat and its publisher and membership tasks, restarting them if chitchat ends.
+    supervisor: Mutex<Option<JoinHandle<()>>>,
+    /// Folds peers' publications into the view; outlives mesh restarts.
+    absorber: JoinHandle<()>,
+    /// Cuts links to chosen peers (tests of partitions), on the first mesh socket.
     links: LinkControl,
-    /// This node's chitchat id.
-    id: ChitchatId,
+}
+
+/// One run of chitchat: its handle, the tasks that use it, and the event subscription.
+struct MeshRun {
+    /// Chitchat; dropping the handle stops gossiping.
+    handle: ChitchatHandle,
+    /// Publisher and membership tasks on this chitchat.
+    tasks: Vec<JoinHandle<()>>,
+    /// Keeps the subscription to peers' publications alive.
+    _listener: chitchat::ListenerHandle,
+}
+
+impl MeshRun {
+    /// Starts chitchat with `generation` on `socket`, subscribes to peers' publications (queued
+    /// on `tx`), and spawns the publisher and membership tasks.
+    async fn start(
+        config: &GossipConfig,
+        generation: u64,
+        socket: std::net::UdpSocket,
+        shared: &Arc<Shared>,
+        tx: &mpsc::Sender<(ChitchatId, u64, CountEntry)>,
+        clock: &Arc<dyn Clock>,
+    ) -> Result<(MeshRun, LinkControl), GossipError> {
+        let listen_addr = socket
+            .local_addr()
+            .map_err(|e| GossipError::Start(format!("mesh socket: {e}")))?;
+        let transport = MeshTransport::new(socket, config.secret.clone());
+        let links = transport.links();
+        let id = ChitchatId::new(config.node_id.clone(), generation, config.advertise_addr);
+        let interval = config.gossip_interval.max(Duration::from_millis(10));
+        let chitchat_config = ChitchatConfig {
+            chitchat_id: id.clone(),
+            cluster_id: config.cluster_id.clone(),
+            gossip_interval: interval,
+            listen_addr,
+            seed_nodes: config.seeds.clone(),
+            failure_detector_config: FailureDetectorConfig {
+                // Tuned to the interval so a dead node is noticed in ~2 s, not tens of seconds.
+                initial_interval: interval,
+                max_interval: interval * 20,
+                phi_threshold: 8.0,
+                sampling_window_size: 1_000,
+                dead_node_grace_period: config.dead_node_grace_period,
+            },
+            marked_for_deletion_grace_period: (interval * 50).max(Duration::from_secs(5)),
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            protocol_version: chitchat::ProtocolVersion::V0,
+        };
+        let handle = spawn_chitchat(chitchat_config, Vec::new(), &transport)
+            .await
+            .map_err(|e| GossipError::Start(format!("{e:#}")))?;
+        shared.transport.store(transport.stats());
+
+        // Peers' publications: chitchat calls this under its lock, so it only parses and queues.
+        let self_id = id.clone();
+        let dropped = shared.clone();
+        let tx = tx.clone();
+        let listener = handle
+            .with_chitchat(move |chitchat| {
+                let tx = tx.clone();
+                let self_id = self_id.clone();
+                let dropped = dropped.clone();
+                chitchat.subscribe_event(COUNTER_PREFIX, move |event| {
+                    if *event.node == self_id {
+                        return;
+                    }
+                    // The event's key comes without the subscribed prefix.
+                    let full_key = format!("{COUNTER_PREFIX}{}", event.key);
+                    let (Some(hash), Some(entry)) =
+                        (decode_entry_key(&full_key), CountEntry::decode(event.value))
+                    else {
+                        return;
+                    };
+                    if tx.try_send((event.node.clone(), hash, entry)).is_err() {
+                        dropped.absorb_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .await;
+
+        let publish_every = interval / 4;
+        let budget = (config.max_keys_per_round / 4).max(1);
+        let tasks = vec![
+            tokio::spawn(publish(
+                shared.clone(),
+                handle.chitchat(),
+                clock.clone(),
+                publish_every,
+                budget,
+            )),
+            tokio::spawn(watch_membership(
+                shared.clone(),
+                handle.chitchat(),
+                id.clone(),
+            )),
+        ];
+        shared
+            .mesh
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .id = id;
+        Ok((
+            MeshRun {
+                handle,
+                tasks,
+                _listener: listener,
+            },
+            links,
+        ))
+    }
+
+    /// Stops the tasks, then chitchat (cleanly, unless it already ended).
+    async fn stop(self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        if let Err(e) = self.handle.shutdown().await {
+            debug!(error = %e, "chitchat shutdown");
+        }
+    }
+}
+
+/// What the supervisor needs to restart the mesh.
+struct Supervised {
+    /// The node's configuration (the generation grows on each restart).
+    config: GossipConfig,
+    /// The address to bind again.
+    listen_addr: SocketAddr,
+    /// State shared with the strategy.
+    shared: Arc<Shared>,
+    /// The absorber's queue, handed to each new subscription.
+    tx: mpsc::Sender<(ChitchatId, u64, CountEntry)>,
+    /// Time for the publisher.
+    clock: Arc<dyn Clock>,
+}
+
+/// Watches the chitchat task; when it ends unexpectedly, reports the mesh down, binds the same
+/// address again (with backoff) and restarts with a new generation. Returns when `stopped` is
+/// set, after shutting chitchat down.
+async fn supervise(mut run: MeshRun, s: Supervised, mut stopped: watch::Receiver<bool>) {
+    loop {
+        let ended = run.handle.termination_watcher();
+        tokio::select! {
+            () = stop_requested(&mut stopped) => {
+                run.stop().await;
+                return;
+            }
+            () = s.shared.crash.notified() => {
+                run.handle.abort();
+                continue;
+            }
+            result = ended => {
+                let why = match result {
+                    Ok(()) => "chitchat stopped".to_owned(),
+                    Err(e) => format!("{e:#}"),
+                };
+                warn!(error = %why, "gossip mesh task ended; restarting it");
+                {
+                    let mut mesh = s.shared.mesh.lock().unwrap_or_else(PoisonError::into_inner);
+                    mesh.up = false;
+                    mesh.last_failure = Some(why);
+                }
+                for task in &run.tasks {
+                    task.abort();
+                }
+                drop(run);
+            }
+        }
+        let mut delay = Duration::from_millis(20);
+        let mut attempts = 0u32;
+        run = loop {
+            tokio::select! {
+                () = stop_requested(&mut stopped) => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+            attempts += 1;
+            let generation = restart_generation(&s.shared);
+            let started = match std::net::UdpSocket::bind(s.listen_addr)
+                .and_then(|socket| socket.set_nonblocking(true).map(|()| socket))
+            {
+                Ok(socket) => {
+                    MeshRun::start(&s.config, generation, socket, &s.shared, &s.tx, &s.clock).await
+                }
+                Err(e) => Err(GossipError::Start(format!(
+                    "binding {}: {e}",
+                    s.listen_addr
+                ))),
+            };
+            match started {
+                Ok((run, _links)) => {
+                    let restarts = {
+                        let mut mesh = s.shared.mesh.lock().unwrap_or_else(PoisonError::into_inner);
+                        mesh.up = true;
+                        mesh.restarts += 1;
+                        mesh.restarts
+                    };
+                    info!(generation, restarts, attempts, "gossip mesh restarted");
+                    break run;
+                }
+                Err(e) => {
+                    if attempts == 1 {
+                        warn!(error = %e, "gossip mesh restart failed; retrying with backoff");
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+    }
+}
+
+/// Completes once `stopped` is set (or its sender is gone).
+async fn stop_requested(stopped: &mut watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
+}
+
+/// A generation above the current one (peers ignore updates from an older generation): the
+/// time in ms, or one more than the last if the clock has not moved past it.
+fn restart_generation(shared: &Shared) -> u64 {
+    let last = shared
+        .mesh
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .id
+        .generation_id;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    now.max(last + 1)
 }
 
 impl Gossip {
@@ -187,6 +434,10 @@ impl Gossip {
 
     /// Starts a node on `socket` (already bound: the address the server reports), with local
     /// `counters` and `clock`. Must run inside a tokio runtime.
+    ///
+    /// A supervisor watches the chitchat task: if it ends (a panic, a socket error), the
+    /// node reports itself down, binds the same address again and rejoins with a new
+    /// generation, keeping its counters and what it knows of its peers.
     pub async fn start(
         config: GossipConfig,
         socket: std::net::UdpSocket,
@@ -196,37 +447,6 @@ impl Gossip {
         let listen_addr = socket
             .local_addr()
             .map_err(|e| GossipError::Start(format!("mesh socket: {e}")))?;
-        let transport = MeshTransport::new(socket, config.secret.clone());
-        let links = transport.links();
-        let id = ChitchatId::new(
-            config.node_id.clone(),
-            config.generation,
-            config.advertise_addr,
-        );
-        let interval = config.gossip_interval.max(Duration::from_millis(10));
-        let chitchat_config = ChitchatConfig {
-            chitchat_id: id.clone(),
-            cluster_id: config.cluster_id.clone(),
-            gossip_interval: interval,
-            listen_addr,
-            seed_nodes: config.seeds.clone(),
-            failure_detector_config: FailureDetectorConfig {
-                // Tuned to the interval so a dead node is noticed in ~2 s, not tens of seconds.
-                initial_interval: interval,
-                max_interval: interval * 20,
-                phi_threshold: 8.0,
-                sampling_window_size: 1_000,
-                dead_node_grace_period: config.dead_node_grace_period,
-            },
-            marked_for_deletion_grace_period: (interval * 50).max(Duration::from_secs(5)),
-            catchup_callback: None,
-            extra_liveness_predicate: None,
-            protocol_version: chitchat::ProtocolVersion::V0,
-        };
-        let handle = spawn_chitchat(chitchat_config, Vec::new(), &transport)
-            .await
-            .map_err(|e| GossipError::Start(format!("{e:#}")))?;
-
         let shared = Arc::new(Shared {
             counters,
             view: PeerView::default(),
@@ -240,60 +460,28 @@ impl Gossip {
             absorb_dropped: AtomicU64::new(0),
             refused: Mutex::new(Refused::default()),
             live_peers: AtomicU64::new(0),
-            transport: transport.stats(),
+            transport: ArcSwap::from_pointee(TransportStats::default()),
+            mesh: Mutex::new(MeshState {
+                id: ChitchatId::new(
+                    config.node_id.clone(),
+                    config.generation,
+                    config.advertise_addr,
+                ),
+                up: true,
+                restarts: 0,
+                last_failure: None,
+            }),
+            crash: Notify::new(),
         });
-
-        // Peers' publications: chitchat calls this under its lock, so it only parses and queues.
+        // Peers' publications, queued by chitchat's callback for the absorber; the absorber
+        // outlives mesh restarts, so what is known of peers survives them.
         let (tx, rx) = mpsc::channel::<(ChitchatId, u64, CountEntry)>(ABSORB_QUEUE);
-        let self_id = id.clone();
-        let dropped = shared.clone();
-        let listener = handle
-            .with_chitchat(move |chitchat| {
-                let tx = tx.clone();
-                let self_id = self_id.clone();
-                let dropped = dropped.clone();
-                chitchat.subscribe_event(COUNTER_PREFIX, move |event| {
-                    if *event.node == self_id {
-                        return;
-                    }
-                    // The event's key comes without the subscribed prefix.
-                    let full_key = format!("{COUNTER_PREFIX}{}", event.key);
-                    let (Some(hash), Some(entry)) =
-                        (decode_entry_key(&full_key), CountEntry::decode(event.value))
-                    else {
-                        return;
-                    };
-                    if tx.try_send((event.node.clone(), hash, entry)).is_err() {
-                        dropped.absorb_dropped.fetch_add(1, Ordering::Relaxed);
-                    }
-                })
-            })
-            .await;
-
-        let publish_every = interval / 4;
-        let budget = (config.max_keys_per_round / 4).max(1);
+        let interval = config.gossip_interval.max(Duration::from_millis(10));
         let stale_after = (interval * 5).as_millis() as u32;
-        let tasks = vec![
-            tokio::spawn(absorb(
-                shared.clone(),
-                rx,
-                clock.clone(),
-                listener,
-                stale_after,
-            )),
-            tokio::spawn(publish(
-                shared.clone(),
-                handle.chitchat(),
-                clock.clone(),
-                publish_every,
-                budget,
-            )),
-            tokio::spawn(watch_membership(
-                shared.clone(),
-                handle.chitchat(),
-                id.clone(),
-            )),
-        ];
+        let absorber = tokio::spawn(absorb(shared.clone(), rx, clock.clone(), stale_after));
+        let sweep_interval = config.sweep_interval;
+        let (run, links) =
+            MeshRun::start(&config, config.generation, socket, &shared, &tx, &clock).await?;
         info!(
             node_id = %config.node_id,
             generation = config.generation,
@@ -303,15 +491,33 @@ impl Gossip {
             authenticated = config.secret.is_some(),
             "gossip mesh started"
         );
-        let sweeper = Sweeper::spawn(shared.counters.clone(), clock, config.sweep_interval);
+        let (stop, stopped) = watch::channel(false);
+        let supervisor = tokio::spawn(supervise(
+            run,
+            Supervised {
+                config,
+                listen_addr,
+                shared: shared.clone(),
+                tx,
+                clock: clock.clone(),
+            },
+            stopped,
+        ));
+        let sweeper = Sweeper::spawn(shared.counters.clone(), clock, sweep_interval);
         Ok(Gossip {
             shared,
             sweeper,
-            chitchat: Mutex::new(Some(handle)),
-            tasks: Mutex::new(tasks),
+            stop,
+            supervisor: Mutex::new(Some(supervisor)),
+            absorber,
             links,
-            id,
         })
+    }
+
+    /// Ends the chitchat task as a crash would (fault injection: tests of the supervisor).
+    #[doc(hidden)]
+    pub fn abort_mesh_task(&self) {
+        self.shared.crash.notify_one();
     }
 
     /// The latest membership and traffic figures.
@@ -326,13 +532,28 @@ impl Gossip {
         m.backlog = self.shared.backlog.load(Ordering::Relaxed) as usize;
         m.peer_keys = self.shared.peer_keys.load(Ordering::Relaxed) as usize;
         m.absorb_dropped = self.shared.absorb_dropped.load(Ordering::Relaxed);
-        m.transport = self.shared.transport.snapshot();
+        m.transport = self.shared.transport.load().snapshot();
         m
     }
 
     /// This node's id and generation.
     pub fn node(&self) -> (String, u64) {
-        (self.id.node_id.to_string(), self.id.generation_id)
+        let mesh = self
+            .shared
+            .mesh
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        (mesh.id.node_id.to_string(), mesh.id.generation_id)
+    }
+
+    /// Whether the chitchat task runs, and how many times it was restarted.
+    pub fn mesh_up(&self) -> (bool, u64) {
+        let mesh = self
+            .shared
+            .mesh
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        (mesh.up, mesh.restarts)
     }
 
     /// Link control of the mesh socket (tests cut links to simulate partitions).
@@ -356,13 +577,14 @@ impl Gossip {
 
 impl Drop for Gossip {
     fn drop(&mut self) {
-        for task in self
-            .tasks
+        self.absorber.abort();
+        if let Some(supervisor) = self
+            .supervisor
             .get_mut()
             .unwrap_or_else(PoisonError::into_inner)
-            .drain(..)
+            .take()
         {
-            task.abort();
+            supervisor.abort();
         }
     }
 }
@@ -426,26 +648,17 @@ impl SyncStrategy for Gossip {
     }
 
     async fn shutdown(&self) {
-        let tasks: Vec<_> = self
-            .tasks
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .drain(..)
-            .collect();
-        for task in tasks {
-            task.abort();
-        }
-        self.sweeper.stop();
-        let handle = self
-            .chitchat
+        let _ = self.stop.send(true);
+        let supervisor = self
+            .supervisor
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some(handle) = handle {
-            if let Err(e) = handle.shutdown().await {
-                debug!(error = %e, "chitchat shutdown");
-            }
+        if let Some(supervisor) = supervisor {
+            let _ = supervisor.await;
         }
+        self.absorber.abort();
+        self.sweeper.stop();
         info!("gossip mesh stopped");
     }
 
@@ -455,14 +668,34 @@ impl SyncStrategy for Gossip {
 
     fn status(&self) -> StrategyStatus {
         let m = self.membership();
+        let mesh = self
+            .shared
+            .mesh
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let peers = format!("peers: {} live, {} dead", m.live.len(), m.dead.len());
+        let health = if mesh.up {
+            Health::serving(vec![peers])
+        } else {
+            // Still deciding with local counts, but not sharing them: not OK.
+            Health {
+                state: HealthState::Down,
+                lines: vec![
+                    format!(
+                        "mesh: down, restarting ({})",
+                        mesh.last_failure.as_deref().unwrap_or("chitchat ended")
+                    ),
+                    peers,
+                ],
+            }
+        };
         StrategyStatus {
-            health: Health::serving(vec![format!(
-                "peers: {} live, {} dead",
-                m.live.len(),
-                m.dead.len()
-            )]),
+            health,
             counters: Some(CounterReport::of(&self.shared.counters)),
             details: json!({
+                "mesh_up": mesh.up,
+                "mesh_restarts": mesh.restarts,
                 "live_peers": m.live.len(),
                 "dead_peers": m.dead.len(),
                 "published_keys": m.published_keys,
@@ -540,8 +773,6 @@ async fn absorb(
     shared: Arc<Shared>,
     mut rx: mpsc::Receiver<(ChitchatId, u64, CountEntry)>,
     clock: Arc<dyn Clock>,
-    // Keeps the chitchat subscription alive as long as this task runs.
-    _listener: chitchat::ListenerHandle,
     stale_after_millis: u32,
 ) {
     let mut tracker = PeerTracker::with_key_cap(stale_after_millis, shared.counters.max_keys());

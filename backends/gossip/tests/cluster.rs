@@ -387,3 +387,81 @@ async fn state_stays_bounded_under_key_churn() {
     .await;
     assert!(nodes[0].counters.stats().live_keys <= 10_000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_task_that_ends_is_restarted_and_health_says_so() {
+    use hivemind_core::HealthState;
+    settle_in_minute().await;
+    let nodes = cluster(2, None).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    assert_eq!(a.gossip.status().health.state, HealthState::Serving);
+    let (_, first_generation) = a.gossip.node();
+
+    // The chitchat task dies as a panic would kill it.
+    a.gossip.abort_mesh_task();
+    // (A restart faster than the 20 ms poll is not seen as down; the next test holds it down.)
+    wait_for(Duration::from_secs(10), "the mesh restarts", || {
+        a.gossip.mesh_up() == (true, 1)
+    })
+    .await;
+    let (_, generation) = a.gossip.node();
+    assert!(
+        generation > first_generation,
+        "restarted with a new generation"
+    );
+    assert_eq!(a.gossip.status().details["mesh_restarts"], 1);
+
+    // Gossip works again: the peer sees the new generation and a's new counts.
+    wait_for(Duration::from_secs(10), "b sees a's new generation", || {
+        b.gossip
+            .membership()
+            .live
+            .iter()
+            .any(|p| p.generation == generation)
+    })
+    .await;
+    let h = hit("after-restart", 20, Unit::Minute);
+    for _ in 0..10 {
+        assert!(!check(a, &h).await.over_limit);
+    }
+    wait_for(Duration::from_secs(5), "b counts a's hits again", || {
+        b.gossip
+            .peer_count("after-restart", Unit::Minute, SystemClock.now())
+            == 10
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_down_while_the_mesh_cannot_restart() {
+    use hivemind_core::HealthState;
+    let node = start_node("lonely", &[], None).await;
+    let addr: std::net::SocketAddr = node.addr.parse().unwrap();
+    node.gossip.abort_mesh_task();
+    // Someone else takes the port the moment it is free: the restart cannot bind.
+    let squatter = {
+        let start = Instant::now();
+        loop {
+            if let Ok(socket) = UdpSocket::bind(addr) {
+                break socket;
+            }
+            assert!(start.elapsed() < Duration::from_secs(5), "port never freed");
+            std::thread::yield_now();
+        }
+    };
+    wait_for(
+        Duration::from_secs(5),
+        "health reports the mesh down",
+        || node.gossip.status().health.state == HealthState::Down,
+    )
+    .await;
+    let lines = node.gossip.status().health.lines.join("\n");
+    assert!(lines.contains("mesh: down"), "{lines}");
+    // The port comes back: the supervisor's backoff retries and the mesh is up again.
+    drop(squatter);
+    wait_for(Duration::from_secs(15), "the mesh restarts", || {
+        node.gossip.mesh_up() == (true, 1)
+    })
+    .await;
+    assert_eq!(node.gossip.status().health.state, HealthState::Serving);
+}
