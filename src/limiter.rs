@@ -387,9 +387,18 @@ fn proto_duration(d: Duration) -> prost_types::Duration {
     }
 }
 
+/// Counter keys longer than this are replaced by a fixed-length digest, so memory per key is
+/// bounded by the number of keys, not by what clients send (values of up to megabytes).
+pub const MAX_COUNTER_KEY_BYTES: usize = 64;
+
 /// The counter key of a descriptor: domain, then each entry as `key=value` (or the wildcard
 /// pattern where the rule has `share_threshold`), then the unit. `|`, `=`, `#` and `\` inside
 /// names are escaped so distinct descriptors never share a key. Every node derives the same key.
+///
+/// A key longer than [`MAX_COUNTER_KEY_BYTES`] becomes `~` + the first 128 bits of its SHA-256
+/// in hex + `#unit`: still the same on every node, and a crafted value cannot be made to share
+/// a victim's counter (that would take a second preimage of SHA-256/128). It never equals a
+/// plain key, which always holds a `|`.
 pub fn counter_key(
     domain: &str,
     entries: &[DescriptorEntry],
@@ -416,7 +425,25 @@ pub fn counter_key(
     }
     key.push('#');
     key.push_str(unit.as_str());
+    if key.len() > MAX_COUNTER_KEY_BYTES {
+        return digest_key(&key, unit);
+    }
     key
+}
+
+/// `~` + 32 hex digits of SHA-256(`key`) + `#unit`.
+fn digest_key(key: &str, unit: Unit) -> String {
+    use sha2::{Digest, Sha256};
+    use std::fmt::Write as _;
+    let digest = Sha256::digest(key.as_bytes());
+    let mut short = String::with_capacity(1 + 32 + 1 + unit.as_str().len());
+    short.push('~');
+    for byte in &digest[..16] {
+        let _ = write!(short, "{byte:02x}");
+    }
+    short.push('#');
+    short.push_str(unit.as_str());
+    short
 }
 
 fn push_escaped(out: &mut String, text: &str) {
@@ -458,6 +485,34 @@ mod tests {
             counter_key("d", &[entry("k", "v")], &[], Unit::Minute),
             counter_key("d", &[entry("k", "v")], &[], Unit::Hour)
         );
+    }
+
+    #[test]
+    fn long_keys_become_a_fixed_length_digest() {
+        let huge = "x".repeat(4 << 20);
+        let a = counter_key("d", &[entry("ua", &huge)], &[], Unit::Minute);
+        assert_eq!(a.len(), 1 + 32 + "#minute".len());
+        assert!(a.starts_with('~') && a.ends_with("#minute"), "{a}");
+        assert!(!a.contains('|'), "never equal to a plain key");
+        // Deterministic, so every node derives the same counter.
+        assert_eq!(
+            a,
+            counter_key("d", &[entry("ua", &huge)], &[], Unit::Minute)
+        );
+        let mut other = huge.clone();
+        other.push('y');
+        assert_ne!(
+            a,
+            counter_key("d", &[entry("ua", &other)], &[], Unit::Minute)
+        );
+        // Keys within the bound stay readable.
+        let short = counter_key("d", &[entry("k", "v")], &[], Unit::Minute);
+        assert!(short.len() <= MAX_COUNTER_KEY_BYTES);
+        assert_eq!(short, "d|k=v#minute");
+        let edge = "v".repeat(MAX_COUNTER_KEY_BYTES - "d|k=#minute".len());
+        let at_bound = counter_key("d", &[entry("k", &edge)], &[], Unit::Minute);
+        assert_eq!(at_bound.len(), MAX_COUNTER_KEY_BYTES);
+        assert!(at_bound.contains('|'));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::publish::Publisher;
 use crate::settings::MeshSettings;
 use crate::transport::{LinkControl, MeshSecret, MeshTransport, TransportCounts, TransportStats};
 use crate::view::{PeerTracker, PeerView, Refused};
-use crate::wire::{decode_entry_key, key_hash, millis_tag, CountEntry, COUNTER_PREFIX};
+use crate::wire::{decode_entry_key, millis_tag, CountEntry, KeyHasher, COUNTER_PREFIX};
 
 /// Peer publications queued between chitchat's callback and the absorber; beyond it they are
 /// dropped (and counted): the next publication of the same key supersedes them anyway.
@@ -145,6 +145,8 @@ struct Shared {
     mesh: Mutex<MeshState>,
     /// Wakes the supervisor to abort the chitchat task (fault injection).
     crash: Notify,
+    /// Names counter keys on the wire, the same on every node of the cluster.
+    hasher: KeyHasher,
 }
 
 /// The chitchat task as the supervisor last saw it.
@@ -472,6 +474,7 @@ impl Gossip {
                 last_failure: None,
             }),
             crash: Notify::new(),
+            hasher: KeyHasher::for_cluster(&config.cluster_id),
         });
         // Peers' publications, queued by chitchat's callback for the absorber; the absorber
         // outlives mesh restarts, so what is known of peers survives them.
@@ -566,7 +569,7 @@ impl Gossip {
         self.shared
             .view
             .estimate(
-                key_hash(counter_key),
+                self.shared.hasher.hash(counter_key),
                 window_tag(now, unit),
                 millis_tag(now),
                 0,
@@ -603,7 +606,7 @@ impl SyncStrategy for Gossip {
         for (i, hit) in batch.iter().enumerate() {
             let unit = hit.limit.unit;
             let mut peers = shared.view.estimate(
-                key_hash(&hit.key),
+                shared.hasher.hash(&hit.key),
                 window_tag(now, unit),
                 now_millis,
                 horizon,
@@ -829,7 +832,7 @@ async fn publish(
     every: Duration,
     budget: usize,
 ) {
-    let mut publisher = Publisher::new();
+    let mut publisher = Publisher::with_hasher(shared.hasher);
     let mut tick = tokio::time::interval(every.max(Duration::from_millis(5)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use hivemind_core::{window_tag, LocalCounters, Unit, UnixTime};
 
 use crate::view::PeerView;
-use crate::wire::{entry_key, key_hash, millis_since, millis_tag, CountEntry};
+use crate::wire::{entry_key, millis_since, millis_tag, CountEntry, KeyHasher};
 
 /// Priority a changed key gains per round it waits.
 const AGING_PER_ROUND: f64 = 0.05;
@@ -75,6 +75,8 @@ pub struct Publisher {
     keys: HashMap<Box<str>, OwnKey>,
     /// Rounds run so far.
     round: u64,
+    /// Names counter keys on the wire (keyed per cluster).
+    hasher: KeyHasher,
 }
 
 /// One changed key competing for the round's budget.
@@ -87,6 +89,14 @@ impl Publisher {
     /// A publisher that has published nothing yet.
     pub fn new() -> Self {
         Publisher::default()
+    }
+
+    /// A publisher naming keys with `hasher` (the cluster's).
+    pub fn with_hasher(hasher: KeyHasher) -> Self {
+        Publisher {
+            hasher,
+            ..Publisher::default()
+        }
     }
 
     /// Keys tracked (published or pending).
@@ -117,7 +127,7 @@ impl Publisher {
             let state = match self.keys.get_mut(live.key) {
                 Some(state) => state,
                 None => self.keys.entry(live.key.into()).or_insert(OwnKey {
-                    hash: key_hash(live.key),
+                    hash: self.hasher.hash(live.key),
                     unit: live.unit,
                     published: None,
                     published_at: now_millis,
@@ -266,7 +276,7 @@ mod tests {
         let round = publisher.round(&counters, &view, T0, 100, 1);
         let sets = decoded(&round);
         assert_eq!(sets.len(), 1);
-        assert_eq!(sets[0].0, entry_key(key_hash("a")));
+        assert_eq!(sets[0].0, entry_key(KeyHasher::default().hash("a")));
         assert_eq!(sets[0].1.count, 6);
         assert_eq!(sets[0].1.window, window_tag(T0, Unit::Minute));
         // Nothing changed: nothing to send.
@@ -298,7 +308,7 @@ mod tests {
         assert!(first
             .sets
             .iter()
-            .any(|(k, _)| *k == entry_key(key_hash("hot"))));
+            .any(|(k, _)| *k == entry_key(KeyHasher::default().hash("hot"))));
         let mut published = first.sets.len();
         for _ in 0..10 {
             published += publisher.round(&counters, &view, T0, 3, 1).sets.len();
@@ -393,7 +403,7 @@ mod tests {
             count: 1,
             at_millis: millis_tag(T0),
         };
-        tracker.apply(&view, peer, key_hash("shared"), entry, T0);
+        tracker.apply(&view, peer, KeyHasher::default().hash("shared"), entry, T0);
         view.flush();
         let mut publisher = Publisher::new();
         let mut now = T0;
@@ -404,7 +414,7 @@ mod tests {
         }
         let rate = view
             .estimate(
-                key_hash("shared"),
+                KeyHasher::default().hash("shared"),
                 window_tag(T0, Unit::Minute),
                 millis_tag(now),
                 0,

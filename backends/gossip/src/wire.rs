@@ -1,7 +1,7 @@
 //! How a node's counts look in its chitchat state: one compact key-value per counter key.
 //!
-//! Key: `c` + 11 base64url characters of a stable 64-bit hash of the counter key (counter keys
-//! can be kilobytes long; a key-value must stay far below chitchat's 65,507-byte datagram).
+//! Key: `c` + 11 base64url characters of the cluster-keyed 64-bit hash of the counter key
+//! ([`KeyHasher`]; a key-value must stay far below chitchat's 65,507-byte datagram).
 //! Value: `{unit}{window}:{count}:{millis}`, numbers in base 36: the unit letter, the 32-bit
 //! window tag, this node's own count in that window, and the wall-clock milliseconds (mod 2^32)
 //! when the count was read, which lets readers estimate rates and extrapolate. Example:
@@ -18,14 +18,49 @@ pub const COUNTER_PREFIX: &str = "c";
 /// base64url without padding: 11 characters for 8 bytes.
 const BASE64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
-/// A stable 64-bit hash of a counter key (FNV-1a): identical on every node, version and
-/// platform, so nodes agree on which entry holds a key without sending the key itself.
-pub fn key_hash(counter_key: &str) -> u64 {
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    counter_key.bytes().fold(OFFSET, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(PRIME)
-    })
+/// The keyed 64-bit hash nodes name counter keys by on the wire: SipHash-1-3 under a key
+/// derived from the cluster id, identical on every node, version and platform of one cluster.
+/// Keyed so that a crafted descriptor value cannot be made to share a victim key's entry (an
+/// unkeyed hash such as FNV-1a can be inverted by hand); the cluster id, not the mesh secret,
+/// seeds it so a secret rotation never splits the key space.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct KeyHasher {
+    /// The SipHash key.
+    key: [u8; 16],
+}
+
+impl std::fmt::Debug for KeyHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyHasher(..)")
+    }
+}
+
+impl Default for KeyHasher {
+    /// The hasher of the default cluster id, `hivemind`.
+    fn default() -> Self {
+        KeyHasher::for_cluster("hivemind")
+    }
+}
+
+impl KeyHasher {
+    /// The hasher every node of `cluster_id` uses.
+    pub fn for_cluster(cluster_id: &str) -> KeyHasher {
+        use sha2::{Digest, Sha256};
+        let mut digest = Sha256::new();
+        digest.update(b"hivemind-gossip counter key hash v1\0");
+        digest.update(cluster_id.as_bytes());
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&digest.finalize()[..16]);
+        KeyHasher { key }
+    }
+
+    /// The hash of a counter key.
+    pub fn hash(&self, counter_key: &str) -> u64 {
+        use std::hash::Hasher;
+        let mut hasher = siphasher::sip::SipHasher13::new_with_key(&self.key);
+        hasher.write(counter_key.as_bytes());
+        hasher.finish()
+    }
 }
 
 /// The chitchat key holding the counter whose key hashes to `hash`.
@@ -211,15 +246,22 @@ mod tests {
         }
     }
 
+    const PINNED_EMPTY: u64 = 0x7c0d_4ed6_3694_be0d;
+    const PINNED_A: u64 = 0x1205_dfe3_38df_094b;
+
     #[test]
     fn keys_are_compact_and_stable() {
-        // FNV-1a test vectors: the hash must never change between versions.
-        assert_eq!(key_hash(""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(key_hash("a"), 0xaf63_dc4c_8601_ec8c);
+        // Pinned: the hash must never change between versions (nodes of a cluster running
+        // different versions must name keys alike).
+        let hasher = KeyHasher::default();
+        assert_eq!(hasher.hash(""), PINNED_EMPTY);
+        assert_eq!(hasher.hash("a"), PINNED_A);
+        // Another cluster names the same key differently.
+        assert_ne!(KeyHasher::for_cluster("other").hash("a"), hasher.hash("a"));
         let long = "k".repeat(65_536);
-        let key = entry_key(key_hash(&long));
+        let key = entry_key(hasher.hash(&long));
         assert_eq!(key.len(), 12);
-        assert_eq!(decode_entry_key(&key), Some(key_hash(&long)));
+        assert_eq!(decode_entry_key(&key), Some(hasher.hash(&long)));
         for hash in [0, 1, u64::MAX, 0x8000_0000_0000_0000, 0xdead_beef_cafe_f00d] {
             assert_eq!(decode_entry_key(&entry_key(hash)), Some(hash));
         }
