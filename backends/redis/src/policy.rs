@@ -80,7 +80,15 @@ impl Tracker {
         self.go_down(now)
     }
 
-    /// A call or probe succeeded.
+    /// A request's call succeeded. While down this changes nothing: a call sent before Redis
+    /// went down may still answer, and only a probe brings Redis back (no flapping).
+    pub fn on_call_success(&mut self) {
+        if let Link::Up { .. } = self.link {
+            self.link = Link::Up { failures: 0 };
+        }
+    }
+
+    /// A probe succeeded (or the first contact at startup): Redis is up.
     pub fn on_success(&mut self, now: Instant) -> Option<Transition> {
         let was = self.link;
         self.link = Link::Up { failures: 0 };
@@ -195,6 +203,11 @@ mod tests {
         assert_eq!(tracker.on_failure(t, false), Some(Transition::WentDown));
         assert!(!tracker.is_up());
         assert_eq!(tracker.on_failure(t, true), None, "reported once");
+        tracker.on_call_success();
+        assert!(
+            !tracker.is_up(),
+            "a late answer to an old call does not bring it back"
+        );
 
         let mut tracker = Tracker::new(3, MIN, MAX);
         assert_eq!(tracker.on_failure(t, true), Some(Transition::WentDown));

@@ -272,10 +272,17 @@ impl Inner {
         }
     }
 
-    fn on_success(&self) {
+    /// A request's call succeeded.
+    fn on_call_success(&self) {
         if self.clean.load(Ordering::Acquire) {
             return;
         }
+        self.lock_tracker().on_call_success();
+        self.apply(None, None);
+    }
+
+    /// A probe succeeded: Redis is back if it was down.
+    fn on_probe_success(&self) {
         let transition = self.lock_tracker().on_success(Instant::now());
         self.apply(transition, None);
     }
@@ -335,7 +342,7 @@ async fn probe_loop(inner: Arc<Inner>) {
         }
         inner.figures.probes.fetch_add(1, Ordering::Relaxed);
         match inner.connection.ping(probe_timeout).await {
-            Ok(()) => inner.on_success(),
+            Ok(()) => inner.on_probe_success(),
             Err(e) => {
                 inner.lock_tracker().on_probe_failed(Instant::now());
                 tracing::debug!(error = %error_chain(&e.error), "redis probe failed");
@@ -372,7 +379,7 @@ impl SyncStrategy for Redis {
                 figures
                     .round_trips
                     .fetch_add(u64::from(reply.commands), Ordering::Relaxed);
-                inner.on_success();
+                inner.on_call_success();
                 let decisions = decode(&reply.values, batch, now).map_err(|e| {
                     StrategyError::rejected("unexpected reply from the redis script").with_source(e)
                 })?;

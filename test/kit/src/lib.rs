@@ -86,6 +86,21 @@ impl RedisServer {
         Self::start_with(&[])
     }
 
+    /// Starts a standalone server on `port` (e.g. one a hivemind was pointed at before any
+    /// Redis ran there) and waits for PING.
+    pub fn start_on(port: u16) -> RedisServer {
+        let mut server = RedisServer {
+            child: None,
+            port,
+            extra: Vec::new(),
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        server
+            .spawn()
+            .unwrap_or_else(|why| panic!("redis-server on port {port} did not start: {why}"));
+        server
+    }
+
     /// Starts a server with extra `redis-server` arguments.
     pub fn start_with(extra: &[&str]) -> RedisServer {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
