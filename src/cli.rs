@@ -39,6 +39,13 @@ pub struct Cli {
     /// Mesh seed peers, comma-separated host:port.
     #[arg(long, value_name = "ADDRS")]
     pub peers: Option<String>,
+    /// Redis URL for strategy redis (`redis://[user[:password]@]host:port[/db]`, `rediss://`
+    /// for TLS) [default: redis://127.0.0.1:6379]. Prefer HIVEMIND_REDIS__URL for passwords.
+    #[arg(long, value_name = "URL")]
+    pub redis_url: Option<String>,
+    /// Redis Cluster seed nodes, comma-separated URLs (strategy redis on a cluster).
+    #[arg(long, value_name = "URLS")]
+    pub redis_cluster_nodes: Option<String>,
     /// Validate the settings and rules, print the effective settings, and exit (0 valid, 1 not).
     #[arg(long)]
     pub check_config: bool,
@@ -73,6 +80,12 @@ impl Cli {
         }
         if let Some(peers) = &self.peers {
             flags.set("mesh.peers", peers.as_str());
+        }
+        if let Some(url) = &self.redis_url {
+            flags.set("redis.url", url.as_str());
+        }
+        if let Some(nodes) = &self.redis_cluster_nodes {
+            flags.set("redis.cluster_nodes", nodes.as_str());
         }
         flags
     }

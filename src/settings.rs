@@ -49,6 +49,12 @@ pub struct Settings {
     /// The gossip mesh section, kept as written: this build has no gossip backend.
     #[cfg(not(feature = "gossip"))]
     pub mesh: UnusedSection,
+    /// Redis (strategy `redis`): the redis backend's own section.
+    #[cfg(feature = "redis")]
+    pub redis: hivemind_redis::RedisSettings,
+    /// The redis section, kept as written: this build has no redis backend.
+    #[cfg(not(feature = "redis"))]
+    pub redis: UnusedSection,
     /// Log output.
     pub log: LogSettings,
     /// Graceful shutdown.
@@ -438,6 +444,18 @@ impl Settings {
         if self.strategy == StrategyKind::Gossip {
             self.mesh.check(&mut check);
         }
+        #[cfg(feature = "redis")]
+        if self.strategy == StrategyKind::Redis {
+            if let Err(e) = self.redis.validate() {
+                check.invalid("redis", e.0);
+            }
+            check.duration(
+                "redis.timeout",
+                self.redis.timeout,
+                Duration::from_micros(100),
+                Duration::from_secs(60),
+            );
+        }
         check.problems
     }
 
@@ -556,6 +574,34 @@ mod tests {
         assert_eq!(settings.counters.max_keys, 11);
         #[cfg(feature = "gossip")]
         assert_eq!(settings.mesh.peers, ["a:1", "b:2"]);
+    }
+
+    #[cfg(feature = "redis")]
+    #[test]
+    fn the_redis_url_comes_from_the_environment_and_its_password_is_never_printed() {
+        let none = SettingsFile::Default(PathBuf::from("/nonexistent"));
+        let env = vars(&[
+            ("HIVEMIND_STRATEGY", "redis"),
+            ("HIVEMIND_REDIS__URL", "redis://app:s3cret@10.0.0.5:6380/2"),
+            ("HIVEMIND_REDIS__ON_FAILURE", "local"),
+            ("HIVEMIND_REDIS__EXPECTED_NODES", "3"),
+        ]);
+        let settings = Settings::load(&none, env, FlagValues::default()).unwrap();
+        assert_eq!(settings.strategy, StrategyKind::Redis);
+        assert_eq!(settings.redis.url, "redis://app:s3cret@10.0.0.5:6380/2");
+        assert_eq!(
+            settings.redis.on_failure,
+            hivemind_redis::FailurePolicy::Local
+        );
+        assert_eq!(settings.redis.expected_nodes, 3);
+        let yaml = settings.to_yaml();
+        assert!(!yaml.contains("s3cret"), "{yaml}");
+        assert!(
+            yaml.contains("redis://app:<redacted>@10.0.0.5:6380/2"),
+            "{yaml}"
+        );
+        let debug = format!("{settings:?}");
+        assert!(!debug.contains("s3cret"), "{debug}");
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub const AVAILABLE: &[StrategyKind] = &[
     StrategyKind::Standalone,
     #[cfg(feature = "gossip")]
     StrategyKind::Gossip,
+    #[cfg(feature = "redis")]
+    StrategyKind::Redis,
 ];
 
 /// The available strategies' names, comma-separated, for messages.
@@ -78,6 +80,14 @@ pub async fn build(
                 .map_err(|e| ServerError::Strategy(e.to_string()))?;
             Ok(Arc::new(gossip))
         }
+        #[cfg(feature = "redis")]
+        StrategyKind::Redis => {
+            let redis = hivemind_redis::Redis::from_settings(&settings.redis, &context)
+                .await
+                .map_err(|e| ServerError::Strategy(e.to_string()))?;
+            Ok(Arc::new(redis))
+        }
+        #[allow(unreachable_patterns)]
         other => Err(ServerError::StrategyUnavailable {
             strategy: other.as_str(),
             available: available_names(),
@@ -96,7 +106,7 @@ mod tests {
     }
 
     /// Only in builds that leave a backend out (e.g. `--no-default-features`).
-    // Redis is not a backend yet, so every build leaves it out.
+    #[cfg(not(all(feature = "gossip", feature = "redis")))]
     #[tokio::test]
     async fn an_unavailable_strategy_is_a_clear_error() {
         let missing = [StrategyKind::Gossip, StrategyKind::Redis]

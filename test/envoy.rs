@@ -70,7 +70,11 @@ struct Stack {
 }
 
 fn start_stack() -> Stack {
-    let server = Server::with_rules(RULES, &["--strategy", "standalone"]);
+    stack_on(Server::with_rules(RULES, &["--strategy", "standalone"]))
+}
+
+/// Envoy in front of `server`, warmed up.
+fn stack_on(server: Server) -> Stack {
     let envoy = Envoy::start(&example_envoy_config(server.grpc_addr, free_port()));
     let ingress = envoy.listener_addr("ingress");
     let stack = Stack {
@@ -312,5 +316,39 @@ fn rls_down_with_failure_mode_deny_is_500() {
     assert_eq!(
         stack.envoy.stat("cluster.upstream.ratelimit.error"),
         Some(3)
+    );
+}
+
+/// Envoy in front of hivemind in Redis mode (`--strategy redis` on a real `redis-server`
+/// started by the test): 200s up to the limit, then 429s, with the counts in Redis.
+#[cfg(feature = "redis")]
+#[test]
+fn redis_mode_admits_five_per_minute_then_429() {
+    let redis = hivemind_testkit::RedisServer::start();
+    let url = redis.url();
+    let stack = stack_on(Server::with_rules(
+        RULES,
+        &["--strategy", "redis", "--redis-url", url.as_str()],
+    ));
+    wait_if_minute_nearly_over();
+    for i in 0..5u64 {
+        let r = stack.get("/generic", None);
+        let what = format!("/generic request {} (redis)", i + 1);
+        assert_admitted(&r, &what);
+        assert_ratelimit_headers(&r, 5, 4 - i, &what);
+    }
+    for i in 5..8u64 {
+        let r = stack.get("/generic", None);
+        assert_limited(&r, &format!("/generic request {} (redis)", i + 1));
+    }
+    // The counts were kept in Redis: the warm-up, 5 admitted, then the over-limit cache or
+    // Redis answered the rest (no call errors either way).
+    assert!(redis.command_calls("evalsha") + redis.command_calls("eval") >= 6);
+    assert_eq!(
+        stack
+            .envoy
+            .stat("cluster.upstream.ratelimit.error")
+            .unwrap_or(0),
+        0
     );
 }
