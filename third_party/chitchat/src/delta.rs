@@ -2,6 +2,7 @@ use std::collections::HashSet;
 
 use anyhow::Context as _;
 
+use crate::limits::{MAX_KEY_VALUES_PER_MESSAGE, MAX_NODES_PER_MESSAGE, MIN_DELTA_MTU};
 use crate::serialize::*;
 use crate::types::{DeletionStatusMutation, KeyValueMutation, KeyValueMutationRef};
 use crate::{ChitchatId, Version, VersionedValue};
@@ -129,12 +130,19 @@ impl Deserializable for DeltaOp {
                 let value = String::deserialize(buf)?;
                 let version = u64::deserialize(buf)?;
                 let deleted = DeletionStatusMutation::deserialize(buf)?;
-                Ok(DeltaOp::KeyValue(KeyValueMutation {
+                let op = DeltaOp::KeyValue(KeyValueMutation {
                     key,
                     value,
                     version,
                     status: deleted,
-                }))
+                });
+                // This node gossips what it learns: a key-value too long to be framed again
+                // (see `CompressedStreamWriter::append`) is refused here, on receipt.
+                anyhow::ensure!(
+                    op.serialized_len() <= usize::from(u16::MAX),
+                    "key-value too long to be gossiped"
+                );
+                Ok(op)
             }
             DeltaOpTag::SetMaxVersion => {
                 let max_version = Version::deserialize(buf)?;
@@ -145,7 +153,7 @@ impl Deserializable for DeltaOp {
 }
 
 impl DeltaOp {
-    fn as_ref(&self) -> DeltaOpRef {
+    fn as_ref(&self) -> DeltaOpRef<'_> {
         match self {
             DeltaOp::Node {
                 chitchat_id,
@@ -236,7 +244,9 @@ impl Serializable for Delta {
 impl Deserializable for Delta {
     fn deserialize(buf: &mut &[u8]) -> anyhow::Result<Self> {
         let original_len = buf.len();
-        let ops: Vec<DeltaOp> = crate::serialize::deserialize_stream(buf)?;
+        // A delta has one op per node, per key-value and per max version.
+        let max_ops = 2 * MAX_NODES_PER_MESSAGE + MAX_KEY_VALUES_PER_MESSAGE;
+        let ops: Vec<DeltaOp> = crate::serialize::deserialize_stream(buf, max_ops)?;
         let consumed_len = original_len - buf.len();
         let mut delta_builder = DeltaBuilder::default();
         for op in ops {
@@ -360,6 +370,8 @@ struct DeltaBuilder {
     existing_nodes: HashSet<ChitchatId>,
     delta: Delta,
     current_node_delta: Option<NodeDelta>,
+    /// Key-values added so far, bounded by [`MAX_KEY_VALUES_PER_MESSAGE`].
+    num_key_values: usize,
 }
 
 impl DeltaBuilder {
@@ -377,7 +389,14 @@ impl DeltaBuilder {
                 from_version_excluded,
             } => {
                 self.flush();
-                anyhow::ensure!(!self.existing_nodes.contains(&chitchat_id));
+                anyhow::ensure!(
+                    !self.existing_nodes.contains(&chitchat_id),
+                    "node appears twice in the delta"
+                );
+                anyhow::ensure!(
+                    self.existing_nodes.len() < MAX_NODES_PER_MESSAGE,
+                    "delta names more than {MAX_NODES_PER_MESSAGE} nodes"
+                );
                 self.existing_nodes.insert(chitchat_id.clone());
                 self.current_node_delta = Some(NodeDelta {
                     chitchat_id,
@@ -396,6 +415,11 @@ impl DeltaBuilder {
                     current_node_delta.max_version < key_value_mutation.version,
                     "kv version should be striclty increasing"
                 );
+                anyhow::ensure!(
+                    self.num_key_values < MAX_KEY_VALUES_PER_MESSAGE,
+                    "delta carries more than {MAX_KEY_VALUES_PER_MESSAGE} key-values"
+                );
+                self.num_key_values += 1;
                 current_node_delta.max_version = key_value_mutation.version;
                 current_node_delta.key_values.push(key_value_mutation);
             }
@@ -403,6 +427,13 @@ impl DeltaBuilder {
                 let Some(current_node_delta) = self.current_node_delta.as_mut() else {
                     anyhow::bail!("received a key-value op without a node op before.");
                 };
+                // The max version covers the key-values of the node delta: a lower one would
+                // move the receiver's max version backwards.
+                anyhow::ensure!(
+                    max_version >= current_node_delta.max_version,
+                    "set max version {max_version} is below the delta's key-value version {}",
+                    current_node_delta.max_version
+                );
                 current_node_delta.max_version = max_version;
             }
         }
@@ -426,6 +457,7 @@ impl DeltaBuilder {
 /// We do it by calling `try_add_node_reset`, `try_add_node`, and `try_add_kv`
 /// and stopping as soon as one of this methods returns `false`.
 pub struct DeltaSerializer {
+    /// Largest serialized delta; below [`MIN_DELTA_MTU`] nothing is ever added.
     mtu: usize,
     delta_builder: DeltaBuilder,
     compressed_stream_writer: CompressedStreamWriter,
@@ -434,9 +466,12 @@ pub struct DeltaSerializer {
 const BLOCK_THRESHOLD: u16 = 16_384u16;
 
 impl DeltaSerializer {
+    /// A serializer for a delta of at most `mtu` bytes. The mtu is derived from what peers send
+    /// (the delta shares its datagram with this node's digest): an mtu too small for anything
+    /// gives an empty delta rather than a panic.
     pub fn with_mtu(mtu: usize) -> Self {
-        assert!(mtu >= 100);
-        let block_threshold = u16::try_from((BLOCK_THRESHOLD as usize).min(mtu)).unwrap();
+        let block_threshold = (BLOCK_THRESHOLD as usize).min(mtu.max(MIN_DELTA_MTU));
+        let block_threshold = u16::try_from(block_threshold).unwrap_or(BLOCK_THRESHOLD);
         DeltaSerializer {
             mtu,
             delta_builder: DeltaBuilder::default(),
@@ -451,16 +486,24 @@ impl DeltaSerializer {
     }
 
     fn try_add_op(&mut self, delta_op: DeltaOp) -> bool {
-        if self
-            .compressed_stream_writer
-            .serialized_len_upperbound_after(&delta_op)
-            > self.mtu
+        if self.mtu < MIN_DELTA_MTU
+            || self
+                .compressed_stream_writer
+                .serialized_len_upperbound_after(&delta_op)
+                > self.mtu
         {
             return false;
         }
-        self.compressed_stream_writer.append(&delta_op);
-        assert!(self.delta_builder.apply_op(delta_op).is_ok());
-        true
+        // Serialize only what the builder accepted, so the delta and its bytes agree.
+        let mut serialized_op = Vec::with_capacity(delta_op.serialized_len());
+        delta_op.serialize(&mut serialized_op);
+        if self.delta_builder.apply_op(delta_op).is_err() {
+            return false;
+        }
+        // Items longer than u16::MAX bytes cannot be framed (a key-value learned from a peer
+        // can be that long): such an op is refused rather than asserted on.
+        self.compressed_stream_writer
+            .append_serialized(&serialized_op)
     }
 
     /// Returns false if the KV could not be added because the payload would exceed the mtu.

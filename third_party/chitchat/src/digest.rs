@@ -1,5 +1,6 @@
 use std::collections::BTreeMap;
 
+use crate::limits::MAX_NODES_PER_MESSAGE;
 use crate::message::ProtocolVersion;
 use crate::serialize::*;
 use crate::{ChitchatId, Heartbeat, Version};
@@ -152,6 +153,10 @@ impl Digest {
 
     fn deserialize_v0(buf: &mut &[u8]) -> anyhow::Result<Self> {
         let num_nodes = u16::deserialize(buf)?;
+        anyhow::ensure!(
+            usize::from(num_nodes) <= MAX_NODES_PER_MESSAGE,
+            "digest names more than {MAX_NODES_PER_MESSAGE} nodes"
+        );
         let mut node_digests: BTreeMap<ChitchatId, NodeDigest> = Default::default();
 
         for _ in 0..num_nodes {
@@ -163,7 +168,7 @@ impl Digest {
     }
 
     fn deserialize_v1(buf: &mut &[u8]) -> anyhow::Result<Self> {
-        let node_digests = deserialize_stream::<(ChitchatId, NodeDigest)>(buf)?
+        let node_digests = deserialize_stream::<(ChitchatId, NodeDigest)>(buf, MAX_NODES_PER_MESSAGE)?
             .into_iter()
             .collect();
         Ok(Digest { node_digests })

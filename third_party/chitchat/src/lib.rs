@@ -5,6 +5,9 @@ mod configuration;
 mod delta;
 mod digest;
 mod failure_detector;
+#[cfg(test)]
+mod hardening_tests;
+pub mod limits;
 mod listener;
 mod message;
 mod message_serialize;
@@ -27,7 +30,7 @@ pub use listener::ListenerHandle;
 pub use serialize::{Deserializable, Serializable};
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 pub use self::configuration::{CatchupCallback, ChitchatConfig};
 pub use self::state::{ClusterStateSnapshot, NodeState};
@@ -218,6 +221,17 @@ impl Chitchat {
             .map(|last_heartbeat| last_heartbeat < heartbeat)
             .unwrap_or(true);
 
+        let is_known = self.cluster_state.node_state(chitchat_id).is_some();
+        if !is_known && self.cluster_state.node_states().len() >= limits::MAX_KNOWN_NODES {
+            // A peer's digest may name any number of nodes: past the bound, new ones are
+            // ignored (they can be learned once dead nodes have been garbage collected).
+            debug!(
+                node=?chitchat_id,
+                max_known_nodes=limits::MAX_KNOWN_NODES,
+                "too many known nodes, ignoring a new node from a peer's digest"
+            );
+            return;
+        }
         let node_state = if should_init_if_absent {
             self.cluster_state.node_state_mut_or_init(chitchat_id)
         } else if let Some(node_state) = self.cluster_state.node_state_mut(chitchat_id) {
@@ -456,9 +470,42 @@ impl Chitchat {
     }
 
     /// Computes the node's digest.
+    ///
+    /// The digest never serializes to more than [`limits::MAX_DIGEST_LEN`] bytes, whatever the
+    /// number of known nodes: past that, this node comes first, then the live nodes, then the
+    /// others, as many as fit.
     fn compute_digest(&self, scheduled_for_deletion_nodes: &HashSet<&ChitchatId>) -> Digest {
-        self.cluster_state
-            .compute_digest(scheduled_for_deletion_nodes)
+        let mut digest = self
+            .cluster_state
+            .compute_digest(scheduled_for_deletion_nodes);
+        // The V0 length is an upper bound of the V1 (compressed) length.
+        if digest.serialized_len(ProtocolVersion::V0) <= limits::MAX_DIGEST_LEN {
+            return digest;
+        }
+        let live: HashSet<&ChitchatId> = self.live_nodes().collect();
+        let self_id = self.self_chitchat_id();
+        let mut ordered: Vec<(ChitchatId, digest::NodeDigest)> =
+            std::mem::take(&mut digest.node_digests).into_iter().collect();
+        // Stable sort: self first, then live nodes, each group in id order.
+        ordered.sort_by_key(|(chitchat_id, _)| (chitchat_id != self_id, !live.contains(chitchat_id)));
+        // Number of nodes (u16).
+        let mut len = 2usize;
+        let mut left_out = 0usize;
+        for (chitchat_id, node_digest) in ordered {
+            let entry_len = chitchat_id.serialized_len() + node_digest.serialized_len();
+            if len + entry_len > limits::MAX_DIGEST_LEN {
+                left_out += 1;
+                continue;
+            }
+            len += entry_len;
+            digest.node_digests.insert(chitchat_id, node_digest);
+        }
+        warn!(
+            left_out,
+            included = digest.node_digests.len(),
+            "digest too large for a datagram, truncated"
+        );
+        digest
     }
 
     /// Subscribes a callback that will be called every time a key matching the supplied prefix
@@ -498,7 +545,7 @@ pub struct KeyChangeEvent<'a> {
 }
 
 impl KeyChangeEvent<'_> {
-    fn strip_key_prefix(&self, prefix: &str) -> Option<KeyChangeEvent> {
+    fn strip_key_prefix(&self, prefix: &str) -> Option<KeyChangeEvent<'_>> {
         let key_without_prefix = self.key.strip_prefix(prefix)?;
         Some(KeyChangeEvent {
             key: key_without_prefix,

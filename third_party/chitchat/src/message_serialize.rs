@@ -52,11 +52,14 @@ impl MessageType {
 impl ChitchatEnvelope {
     /// Bytes written before the message body: magic number (2) + protocol
     /// version (1) + message type (1).
-    pub(crate) const HEADER_LEN: usize = 2 + 1 + 1;
+    pub const HEADER_LEN: usize = 2 + 1 + 1;
 
     /// Serializes the message. The protocol version is stamped in the header
     /// and drives the digest encoding.
-    pub(crate) fn serialize(&self, buf: &mut Vec<u8>) {
+    ///
+    /// Public so that a custom [`Transport`](crate::transport::Transport) can
+    /// frame, authenticate or encrypt the bytes itself.
+    pub fn serialize(&self, buf: &mut Vec<u8>) {
         buf.extend(MAGIC_NUMBER.to_le_bytes());
         self.version.to_code().serialize(buf);
 
@@ -85,7 +88,8 @@ impl ChitchatEnvelope {
         }
     }
 
-    pub(crate) fn serialize_to_vec(&self) -> Vec<u8> {
+    /// Serializes the message into a new buffer (see [`Self::serialize`]).
+    pub fn serialize_to_vec(&self) -> Vec<u8> {
         let mut buf = Vec::new();
         self.serialize(&mut buf);
         buf
@@ -112,7 +116,10 @@ impl ChitchatEnvelope {
     /// The version is needed both to decode the digest and by the caller: a
     /// responder echoes it so its reply is encoded with a format the
     /// initiator is guaranteed to understand.
-    pub(crate) fn deserialize(buf: &mut &[u8]) -> anyhow::Result<Self> {
+    ///
+    /// The bytes are untrusted peer input: anything invalid, or larger than
+    /// the bounds in [`crate::limits`], is an error, never a panic.
+    pub fn deserialize(buf: &mut &[u8]) -> anyhow::Result<Self> {
         if buf.len() < 3 {
             bail!("buffer too small to store the magic number and the protocol version");
         }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use bytes::Buf;
 
+use crate::limits::MAX_DECOMPRESSED_STREAM_LEN;
 use crate::{ChitchatId, Heartbeat};
 
 /// Trait to serialize messages.
@@ -360,6 +361,21 @@ impl CompressedStreamWriter {
         }
     }
 
+    /// Appends an item already serialized. Returns false, appending nothing, if it is longer
+    /// than `u16::MAX` bytes.
+    #[must_use]
+    pub fn append_serialized(&mut self, item: &[u8]) -> bool {
+        if item.len() > u16::MAX as usize {
+            return false;
+        }
+        self.uncompressed_block.extend_from_slice(item);
+        while self.uncompressed_block.len() > self.block_threshold {
+            // time to flush our current block.
+            self.flush_block();
+        }
+        true
+    }
+
     /// Flush the first `block_threshold` bytes from the `uncompressed_block` buffer,
     /// and remove them from the buffer.
     ///
@@ -404,7 +420,12 @@ impl CompressedStreamWriter {
     }
 }
 
-pub fn deserialize_stream<D: Deserializable>(buf: &mut &[u8]) -> anyhow::Result<Vec<D>> {
+/// Decodes a compressed stream of at most `max_items` items from untrusted bytes. The stream may
+/// decompress to at most [`MAX_DECOMPRESSED_STREAM_LEN`] bytes.
+pub fn deserialize_stream<D: Deserializable>(
+    buf: &mut &[u8],
+    max_items: usize,
+) -> anyhow::Result<Vec<D>> {
     let mut decompressed_data = Vec::new();
     let mut decompressed_buffer = vec![0; u16::MAX as usize];
     loop {
@@ -421,13 +442,24 @@ pub fn deserialize_stream<D: Deserializable>(buf: &mut &[u8]) -> anyhow::Result<
                 )
                 .context("failed to decompress block")?;
                 buf.advance(len);
-                decompressed_data.extend_from_slice(&decompressed_buffer[..uncompressed_len]);
+                let block = decompressed_buffer
+                    .get(..uncompressed_len)
+                    .context("failed to decompress block: bad length")?;
+                anyhow::ensure!(
+                    decompressed_data.len() + block.len() <= MAX_DECOMPRESSED_STREAM_LEN,
+                    "compressed stream inflates past {MAX_DECOMPRESSED_STREAM_LEN} bytes"
+                );
+                decompressed_data.extend_from_slice(block);
             }
             BlockType::Uncompressed => {
                 let len = u16::deserialize(buf)? as usize;
                 let block_bytes = buf.get(..len).context(
                     "failed to download compressed stream (uncompressed block): buffer too short",
                 )?;
+                anyhow::ensure!(
+                    decompressed_data.len() + block_bytes.len() <= MAX_DECOMPRESSED_STREAM_LEN,
+                    "compressed stream inflates past {MAX_DECOMPRESSED_STREAM_LEN} bytes"
+                );
                 decompressed_data.extend_from_slice(block_bytes);
                 buf.advance(len);
             }
@@ -439,6 +471,10 @@ pub fn deserialize_stream<D: Deserializable>(buf: &mut &[u8]) -> anyhow::Result<
     let mut decompressed_cursor = &decompressed_data[..];
     let mut items = Vec::new();
     while !decompressed_cursor.is_empty() {
+        anyhow::ensure!(
+            items.len() < max_items,
+            "compressed stream holds more than {max_items} items"
+        );
         let item = D::deserialize(&mut decompressed_cursor)?;
         items.push(item);
     }
@@ -565,7 +601,7 @@ mod tests {
         let buf = compressed_stream_writer.finish();
         let mut cursor = &buf[..];
         assert!(buf.len() * 3 < uncompressed_len);
-        let vals: Vec<String> = super::deserialize_stream(&mut cursor).unwrap();
+        let vals: Vec<String> = super::deserialize_stream(&mut cursor, usize::MAX).unwrap();
         assert_eq!(vals.len(), 100);
         for i in 0..100 {
             let sentence = TEXT_SAMPLES[i % TEXT_SAMPLES.len()];
@@ -593,7 +629,7 @@ mod tests {
         }
         let buf = compressed_stream_writer.finish();
         let mut cursor = &buf[..];
-        let vals: Vec<String> = deserialize_stream(&mut cursor).unwrap();
+        let vals: Vec<String> = deserialize_stream(&mut cursor, usize::MAX).unwrap();
         assert_eq!(vals.len(), 130);
         for i in 0..100 {
             let sentence = TEXT_SAMPLES[i % TEXT_SAMPLES.len()];
@@ -639,7 +675,7 @@ mod tests {
         let len_upper_bound = compressed_stream_writer.serialized_len_upperbound_after("");
         compressed_stream_writer.append("");
         let buf = compressed_stream_writer.finish();
-        let vals: Vec<String> = deserialize_stream(&mut &buf[..]).unwrap();
+        let vals: Vec<String> = deserialize_stream(&mut &buf[..], usize::MAX).unwrap();
         assert!(buf.len() <= len_upper_bound);
         assert_eq!(vals.len(), 1);
         assert_eq!(vals[0], "");
@@ -656,7 +692,7 @@ mod tests {
                 let len_upper_bound = compressed_stream_writer.serialized_len_upperbound_after(&payload[payload.len() - 1]);
                 compressed_stream_writer.append(&payload[payload.len() - 1]);
                 let buf = compressed_stream_writer.finish();
-                let vals: Vec<String> = deserialize_stream(&mut &buf[..]).unwrap();
+                let vals: Vec<String> = deserialize_stream(&mut &buf[..], usize::MAX).unwrap();
                 assert!(buf.len() <= len_upper_bound);
                 assert_eq!(vals.len(), payload.len());
                 for (left, right) in vals.iter().zip(payload.iter()) {
