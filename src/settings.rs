@@ -708,6 +708,35 @@ mod tests {
 
     #[cfg(feature = "gossip")]
     #[test]
+    fn a_previous_secret_rolls_with_the_current_one_and_is_never_printed() {
+        let none = SettingsFile::Default(PathBuf::from("/nonexistent"));
+        let err = Settings::load(
+            &none,
+            vars(&[("HIVEMIND_MESH__PREVIOUS_SECRET", "old-one")]),
+            FlagValues::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("mesh.previous_secret"), "{err}");
+        let settings = Settings::load(
+            &none,
+            vars(&[
+                ("HIVEMIND_MESH__SECRET", "new-one"),
+                ("HIVEMIND_MESH__PREVIOUS_SECRET", "0042"),
+            ]),
+            FlagValues::default(),
+        )
+        .unwrap();
+        assert_eq!(settings.mesh.previous_secret.as_deref(), Some("0042"));
+        let shown = format!("{}{settings:?}", settings.to_yaml());
+        assert!(
+            !shown.contains("new-one") && !shown.contains("0042"),
+            "{shown}"
+        );
+    }
+
+    #[cfg(feature = "gossip")]
+    #[test]
     fn gossip_durations_are_bounded() {
         let none = SettingsFile::Default(PathBuf::from("/nonexistent"));
         for value in ["0s", "1ms", "100000000h"] {

@@ -35,6 +35,7 @@ async fn main() {
             gossip_interval: Duration::from_millis(100),
             dead_node_grace_period: Duration::from_secs(60),
             secret: None,
+            previous_secret: None,
             max_keys_per_round: 3_000,
             admission: Admission {
                 extrapolate: true,

@@ -22,5 +22,6 @@ pub use admission::Admission;
 pub use mesh::{Gossip, GossipConfig, GossipError, Membership, PeerInfo};
 pub use settings::{MeshSettings, MeshSettingsError};
 pub use transport::{
-    LinkControl, MeshSecret, MeshTransport, TransportCounts, TransportError, TransportStats,
+    LinkControl, MeshSecret, MeshTransport, TransportCounts, TransportError, TransportOptions,
+    TransportStats,
 };

@@ -26,7 +26,9 @@ use tracing::{debug, info, warn};
 use crate::admission::Admission;
 use crate::publish::Publisher;
 use crate::settings::MeshSettings;
-use crate::transport::{LinkControl, MeshSecret, MeshTransport, TransportCounts, TransportStats};
+use crate::transport::{
+    LinkControl, MeshSecret, MeshTransport, TransportCounts, TransportOptions, TransportStats,
+};
 use crate::view::{PeerTracker, PeerView, Refused};
 use crate::wire::{decode_entry_key, millis_tag, CountEntry, KeyHasher, COUNTER_PREFIX};
 
@@ -60,6 +62,8 @@ pub struct GossipConfig {
     pub dead_node_grace_period: Duration,
     /// When set, every datagram is authenticated with it.
     pub secret: Option<MeshSecret>,
+    /// Also accepted on receipt while a secret change rolls out (never used to sign).
+    pub previous_secret: Option<MeshSecret>,
     /// The most counter keys published per gossip interval (chitchat carries ~2,500–4,000
     /// changed keys per round between two nodes).
     pub max_keys_per_round: usize,
@@ -202,7 +206,15 @@ impl MeshRun {
         let listen_addr = socket
             .local_addr()
             .map_err(|e| GossipError::Start(format!("mesh socket: {e}")))?;
-        let transport = MeshTransport::new(socket, config.secret.clone());
+        let transport = MeshTransport::with_options(
+            socket,
+            TransportOptions {
+                node_id: Some(config.node_id.clone()),
+                secret: config.secret.clone(),
+                previous_secret: config.previous_secret.clone(),
+                ..TransportOptions::default()
+            },
+        );
         let links = transport.links();
         let id = ChitchatId::new(config.node_id.clone(), generation, config.advertise_addr);
         let interval = config.gossip_interval.max(Duration::from_millis(10));
@@ -768,6 +780,10 @@ fn transport_json(t: &TransportCounts) -> serde_json::Value {
         "bytes_received": t.bytes_received,
         "rejected_auth": t.rejected_auth,
         "rejected_malformed": t.rejected_malformed,
+        "rejected_replay": t.rejected_replay,
+        "rejected_stale": t.rejected_stale,
+        "accepted_previous_secret": t.accepted_previous_secret,
+        "dropped_by_link_control": t.dropped_by_link_control,
     })
 }
 

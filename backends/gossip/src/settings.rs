@@ -42,6 +42,14 @@ pub struct MeshSettings {
         deserialize_with = "hivemind_core::settings::secret_string"
     )]
     pub secret: Option<String>,
+    /// The secret before the current one, still accepted on receipt (never used to sign) while
+    /// a secret change rolls out: set it to the new secret everywhere first, then swap the two,
+    /// then drop it. Redacted in output.
+    #[serde(
+        serialize_with = "hivemind_core::settings::redacted",
+        deserialize_with = "hivemind_core::settings::secret_string"
+    )]
+    pub previous_secret: Option<String>,
     /// Run a mesh reachable from other hosts without a secret: anyone who reaches the port can
     /// join and publish counts. Logged as a warning at start. For trusted networks only.
     pub insecure: bool,
@@ -67,6 +75,7 @@ impl Default for MeshSettings {
             gossip_interval: Duration::from_millis(100),
             dead_node_grace_period: Duration::from_secs(3600),
             secret: None,
+            previous_secret: None,
             insecure: false,
             max_keys_per_round: 3_000,
             extrapolate: true,
@@ -87,6 +96,10 @@ impl std::fmt::Debug for MeshSettings {
             .field("gossip_interval", &self.gossip_interval)
             .field("dead_node_grace_period", &self.dead_node_grace_period)
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field(
+                "previous_secret",
+                &self.previous_secret.as_ref().map(|_| "<redacted>"),
+            )
             .field("insecure", &self.insecure)
             .field("max_keys_per_round", &self.max_keys_per_round)
             .field("extrapolate", &self.extrapolate)
@@ -141,6 +154,12 @@ impl MeshSettings {
                 "is empty; leave it unset or set a real secret",
             );
         }
+        if self.previous_secret.is_some() && self.secret.is_none() {
+            check.invalid(
+                "mesh.previous_secret",
+                "is set without mesh.secret; it is only accepted beside a current secret",
+            );
+        }
         if self.reachable_from_other_hosts() && self.secret.is_none() && !self.insecure {
             check.invalid(
                 "mesh.addr",
@@ -176,6 +195,13 @@ impl MeshSettings {
             Some(_) => return Err(MeshSettingsError("mesh.node_id is empty".into())),
             None => generated_node_id(now.as_nanos()),
         };
+        let previous_secret = match &mesh.previous_secret {
+            Some(secret) => Some(
+                MeshSecret::new(secret)
+                    .map_err(|e| MeshSettingsError(format!("mesh.previous_secret: {e}")))?,
+            ),
+            None => None,
+        };
         let secret = match &mesh.secret {
             Some(secret) => Some(
                 MeshSecret::new(secret)
@@ -200,6 +226,7 @@ impl MeshSettings {
             gossip_interval: interval,
             dead_node_grace_period: mesh.dead_node_grace_period,
             secret,
+            previous_secret,
             max_keys_per_round: mesh.max_keys_per_round.max(1),
             admission: Admission {
                 extrapolate: mesh.extrapolate,

@@ -1,44 +1,65 @@
 //! The UDP transport hivemind's gossip mesh always uses: [`MeshTransport`], a
-//! [`chitchat::transport::Transport`] over a socket the server has already bound.
+//! [`chitchat::transport::Transport`] over a socket the server has already bound. It encodes
+//! and decodes chitchat messages itself (with chitchat's public envelope codec), frames them,
+//! and, with a [`MeshSecret`], authenticates them and drops replays.
 //!
-//! On top of chitchat's own bytes every datagram carries a small header, and, when a
-//! [`MeshSecret`] is configured, a truncated HMAC-SHA256 tag:
+//! Without a secret a datagram is a 6-byte header and chitchat's bytes:
 //!
 //! ```text
-//! +-------+------+-----------+---------------------------+-------------------------+
-//! | magic | kind | id (BE)   | payload (chitchat bytes)  | tag (only with a secret)|
-//! | 1 B   | 1 B  | 4 B       | ...                       | 16 B                    |
-//! +-------+------+-----------+---------------------------+-------------------------+
+//! +------------+------+-----------+--------------------------+
+//! | magic 0xA0 | kind | id (BE)   | payload (chitchat bytes) |
+//! | 1 B        | 1 B  | 4 B       | ...                      |
+//! +------------+------+-----------+--------------------------+
 //! ```
 //!
-//! - `magic`: [`MAGIC_PLAIN`] (`0xA0`) without a secret, [`MAGIC_AUTH`] (`0xA1`) with one, so
-//!   a node with a secret and a node without one reject each other's datagrams instead of
-//!   half-understanding them.
+//! With a secret the header also names the sender, the time and a sequence number, and a
+//! truncated HMAC-SHA256 tag covers all of it:
+//!
+//! ```text
+//! +------------+------+---------+----------------+--------------+-------+-------------+---------+-------+
+//! | magic 0xA2 | kind | id (BE) | timestamp (BE) | sequence (BE)| n     | sender id   | payload | tag   |
+//! | 1 B        | 1 B  | 4 B     | 8 B, unix ms   | 8 B          | 1 B   | n B (1-255) | ...     | 16 B  |
+//! +------------+------+---------+----------------+--------------+-------+-------------+---------+-------+
+//! ```
+//!
+//! - `magic`: [`MAGIC_PLAIN`] without a secret, [`MAGIC_AUTH`] with one, so a node with a secret
+//!   and a node without one reject each other's datagrams instead of half-understanding them.
+//!   [`MAGIC_AUTH_V1`] (0xA1, the previous authenticated format, which had no sender, time or
+//!   sequence) is refused as unauthenticated.
 //! - `kind`: 0 = a whole message, 1 = first half of a split message, 2 = second half.
-//! - `id`: per-message number (a counter seeded from the clock), shared by both halves of a
-//!   split message so the receiver can pair them.
-//! - `tag`: the first 16 bytes of HMAC-SHA256(key, everything before the tag), where the key
-//!   is SHA-256 of the configured secret. Checked in constant time.
+//! - `id`: per-message number, shared by both halves of a split message so the receiver can pair
+//!   them.
+//! - `timestamp`: the sender's wall clock when it sent the datagram. The receiver drops a
+//!   datagram more than [`TransportOptions::freshness`] (default [`DEFAULT_FRESHNESS`]) away from
+//!   its own clock, counted in [`TransportCounts::rejected_stale`].
+//! - `sequence`: per sender, one more for every datagram sent; it starts at the sender's wall
+//!   clock in nanoseconds when its socket opened, so a restarted sender continues above where it
+//!   was. The receiver keeps, per sender id, the highest sequence seen and a bitmap of the
+//!   [`REPLAY_WINDOW`] below it, and drops a datagram already seen or older than the window,
+//!   counted in [`TransportCounts::rejected_replay`]. At most
+//!   [`TransportOptions::max_tracked_senders`] senders are tracked (the least recently heard is
+//!   forgotten first), and a sender silent for twice the freshness window is forgotten: any
+//!   datagram of it that could still be replayed is stale by then.
+//! - `sender id`: the sending node's id ([`TransportOptions::node_id`]), covered by the tag so
+//!   a replay cannot pretend to come from a fresh sender.
+//! - `tag`: the first 16 bytes of HMAC-SHA256(key, everything before the tag), where the key is
+//!   derived from the secret with HKDF-SHA256 ([`KDF_SALT`], [`KDF_INFO`]). Checked in constant
+//!   time, against the current secret and then against
+//!   [`TransportOptions::previous_secret`], so a rolling secret change does not split the mesh.
 //!
 //! chitchat fills its messages up to 65,507 bytes (the largest IPv4 UDP payload), so the header
 //! and tag can push a full-size message over the limit. Such a message goes out as two
 //! datagrams and is reassembled on receipt (at most [`MAX_PENDING_HALVES`] halves waiting, each
 //! for at most [`HALF_TTL`]).
 //!
-//! Datagrams that are malformed, unauthenticated, or from a link cut with [`LinkControl`] are
-//! dropped and counted in [`TransportStats`]; chitchat only ever sees an error when the socket
-//! itself fails.
-//!
-//! chitchat 0.13 keeps the (de)serialization of [`ChitchatEnvelope`] crate-private: the only
-//! public code that turns an envelope into bytes and back is its own UDP socket. So each mesh
-//! socket owns a private loopback pair (a `chitchat::transport::UdpSocket` and a plain "tap"
-//! socket, both on 127.0.0.1) and uses it as the codec: chitchat serializes by sending to the
-//! tap, and deserializes what the tap sends it (see `LoopbackCodec` below).
+//! Datagrams that are malformed, unauthenticated, stale, replayed, or from a link cut with
+//! [`LinkControl`] are dropped and counted in [`TransportStats`]; chitchat only ever sees an
+//! error when the socket itself fails.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -46,7 +67,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use async_trait::async_trait;
 use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport};
-use chitchat::{ChitchatEnvelope, ChitchatMessage, ProtocolVersion};
+use chitchat::ChitchatEnvelope;
+use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use sha2::{Digest as _, Sha256};
 use tracing::{debug, warn};
@@ -54,14 +76,24 @@ use tracing::{debug, warn};
 /// The largest UDP payload over IPv4, and the largest message chitchat builds.
 pub const MAX_DATAGRAM_LEN: usize = 65_507;
 
-/// First byte of a datagram sent without a secret (wire format version 1, no tag).
+/// First byte of a datagram sent without a secret (no tag).
 pub const MAGIC_PLAIN: u8 = 0xA0;
 
-/// First byte of a datagram sent with a secret (wire format version 1, 16-byte tag at the end).
-pub const MAGIC_AUTH: u8 = 0xA1;
+/// First byte of the previous authenticated format (no sender, time or sequence): refused.
+pub const MAGIC_AUTH_V1: u8 = 0xA1;
 
-/// Bytes before the payload: magic (1) + kind (1) + message id (4).
+/// First byte of a datagram sent with a secret (signed header, 16-byte tag at the end).
+pub const MAGIC_AUTH: u8 = 0xA2;
+
+/// Bytes before the payload without a secret: magic (1) + kind (1) + message id (4).
 pub const HEADER_LEN: usize = 6;
+
+/// Bytes of the signed header before the sender id: magic (1) + kind (1) + message id (4) +
+/// timestamp (8) + sequence (8) + sender id length (1).
+pub const AUTH_HEADER_FIXED_LEN: usize = 23;
+
+/// Longest sender id carried in the signed header. A longer node id is replaced by a hash.
+pub const MAX_SENDER_ID_LEN: usize = 255;
 
 /// Bytes of the truncated HMAC-SHA256 tag appended when a secret is set.
 pub const TAG_LEN: usize = 16;
@@ -72,20 +104,28 @@ pub const MAX_PENDING_HALVES: usize = 64;
 /// How long a split-message half waits for its other half before it is dropped.
 pub const HALF_TTL: Duration = Duration::from_secs(2);
 
+/// Default of [`TransportOptions::freshness`]: how far a datagram's timestamp may be from the
+/// receiver's clock, either way.
+pub const DEFAULT_FRESHNESS: Duration = Duration::from_secs(30);
+
+/// Default of [`TransportOptions::max_tracked_senders`].
+pub const DEFAULT_MAX_TRACKED_SENDERS: usize = 1_024;
+
+/// Sequence numbers below a sender's highest that are still accepted once (out-of-order
+/// delivery); older ones are dropped as replays.
+pub const REPLAY_WINDOW: u64 = 64;
+
+/// HKDF salt of the mesh key: fixed, so every node derives the same key from the same secret.
+pub const KDF_SALT: &[u8] = b"hivemind-gossip-mesh";
+
+/// HKDF info of the mesh key: names its one use, tagging datagrams of this format.
+pub const KDF_INFO: &[u8] = b"hivemind gossip datagram tag v2";
+
 /// Rejections of one kind are logged for the first one and then every this many.
 const LOG_EVERY: u64 = 1_000;
 
-/// How long the loopback codec may take to (de)serialize one message before giving up on it.
-const CODEC_TIMEOUT: Duration = Duration::from_millis(500);
-
 /// Receive buffer size: any UDP datagram fits (IPv6 allows a few bytes more than IPv4).
 const RECV_BUF_LEN: usize = 65_536;
-
-/// Prefix of the cluster id of the marker message that closes a loopback decode round.
-const SENTINEL_PREFIX: &str = "hivemind.mesh-transport.codec-sentinel.";
-
-/// Width of the hex round number that follows [`SENTINEL_PREFIX`].
-const SENTINEL_NONCE_HEX_LEN: usize = 16;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -96,6 +136,9 @@ pub enum TransportError {
     /// The configured secret is empty or only whitespace.
     #[error("the gossip mesh secret must not be empty")]
     EmptySecret,
+    /// The mesh key could not be derived from the secret.
+    #[error("the gossip mesh key could not be derived from the secret")]
+    KeyDerivation,
     /// A message too large to fit even when split into two datagrams.
     #[error("gossip message of {len} bytes exceeds the {max}-byte maximum")]
     MessageTooLarge {
@@ -107,29 +150,32 @@ pub enum TransportError {
 }
 
 /// The shared secret that authenticates the gossip mesh. Every node of a mesh must be given
-/// the same one; a node with another secret (or none) cannot talk to it.
+/// the same one (or have it as its previous secret during a change); a node with another
+/// secret (or none) cannot talk to it.
 ///
-/// Its `Debug` output is redacted and it has no `Display`: it must never be logged.
+/// The secret is taken as the exact string given: a secret that looks like a number is not a
+/// number (`"0123"` and `"123"` are different secrets). Its `Debug` output is redacted and it
+/// has no `Display`: it must never be logged.
 #[derive(Clone)]
 pub struct MeshSecret {
-    /// HMAC-SHA256 state keyed with SHA-256(secret), cloned per datagram so the key schedule is
-    /// computed once.
+    /// HMAC-SHA256 state keyed with the HKDF-derived mesh key, cloned per datagram so the key
+    /// schedule is computed once.
     mac: HmacSha256,
 }
 
 impl MeshSecret {
-    /// Derives the mesh key from `secret` (SHA-256 of its UTF-8 bytes, exactly as given).
+    /// Derives the mesh key from `secret` (its UTF-8 bytes exactly as given) with HKDF-SHA256.
     /// Rejects an empty or whitespace-only secret.
     pub fn new(secret: &str) -> Result<MeshSecret, TransportError> {
         if secret.trim().is_empty() {
             return Err(TransportError::EmptySecret);
         }
-        let key: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
-        // HMAC zero-pads a short key to the 64-byte block size: passing the padded block is
-        // the same as passing the 32-byte key, and cannot fail.
-        let mut block = [0u8; 64];
-        block[..key.len()].copy_from_slice(&key);
-        let mac = <HmacSha256 as hmac::digest::KeyInit>::new(&block.into());
+        let mut key = [0u8; 32];
+        Hkdf::<Sha256>::new(Some(KDF_SALT), secret.as_bytes())
+            .expand(KDF_INFO, &mut key)
+            .map_err(|_| TransportError::KeyDerivation)?;
+        let mac =
+            <HmacSha256 as Mac>::new_from_slice(&key).map_err(|_| TransportError::KeyDerivation)?;
         Ok(MeshSecret { mac })
     }
 
@@ -159,6 +205,40 @@ impl fmt::Debug for MeshSecret {
     }
 }
 
+/// How a [`MeshTransport`] identifies itself and checks what it receives (see
+/// [`MeshTransport::with_options`]).
+#[derive(Debug, Clone)]
+pub struct TransportOptions {
+    /// This node's id, carried in the signed header so receivers keep one replay window per
+    /// sender. Should be unique in the mesh (the chitchat node id). `None` picks a random id
+    /// for this transport. Ids longer than [`MAX_SENDER_ID_LEN`] bytes are replaced by a hash.
+    pub node_id: Option<String>,
+    /// The mesh secret: signs every datagram sent, and received ones must carry a valid tag.
+    /// `None` sends and accepts only untagged datagrams (no authentication, no replay checks).
+    pub secret: Option<MeshSecret>,
+    /// A second secret also accepted on receipt (never used to sign), so a rolling change of
+    /// secret does not split the mesh. Ignored without `secret`.
+    pub previous_secret: Option<MeshSecret>,
+    /// How far a datagram's timestamp may be from this node's clock, either way, before it is
+    /// dropped as stale. Bounds how long a captured datagram stays replayable, and how far the
+    /// clocks of the mesh may drift apart.
+    pub freshness: Duration,
+    /// Most senders whose replay window is kept; bounds memory against many sender ids.
+    pub max_tracked_senders: usize,
+}
+
+impl Default for TransportOptions {
+    fn default() -> TransportOptions {
+        TransportOptions {
+            node_id: None,
+            secret: None,
+            previous_secret: None,
+            freshness: DEFAULT_FRESHNESS,
+            max_tracked_senders: DEFAULT_MAX_TRACKED_SENDERS,
+        }
+    }
+}
+
 /// A point-in-time copy of [`TransportStats`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TransportCounts {
@@ -174,6 +254,15 @@ pub struct TransportCounts {
     pub rejected_auth: u64,
     /// Datagrams or messages dropped because they were not valid mesh/chitchat data.
     pub rejected_malformed: u64,
+    /// Authenticated datagrams dropped because their sequence number was already seen or is
+    /// older than the replay window: replays (or duplicates made by the network).
+    pub rejected_replay: u64,
+    /// Authenticated datagrams dropped because their timestamp is outside the freshness window
+    /// (an old capture replayed, or a sender whose clock is off).
+    pub rejected_stale: u64,
+    /// Datagrams accepted because they were signed with the previous secret: non-zero while a
+    /// secret change is rolling out, zero once every node signs with the new one.
+    pub accepted_previous_secret: u64,
     /// Datagrams not sent to, or discarded from, an address cut with [`LinkControl`].
     pub dropped_by_link_control: u64,
     /// Messages sent as two datagrams because they did not fit in one.
@@ -196,6 +285,12 @@ pub struct TransportStats {
     rejected_auth: AtomicU64,
     /// See [`TransportCounts::rejected_malformed`].
     rejected_malformed: AtomicU64,
+    /// See [`TransportCounts::rejected_replay`].
+    rejected_replay: AtomicU64,
+    /// See [`TransportCounts::rejected_stale`].
+    rejected_stale: AtomicU64,
+    /// See [`TransportCounts::accepted_previous_secret`].
+    accepted_previous_secret: AtomicU64,
     /// See [`TransportCounts::dropped_by_link_control`].
     dropped_by_link_control: AtomicU64,
     /// See [`TransportCounts::split_messages`].
@@ -212,6 +307,9 @@ impl TransportStats {
             bytes_received: self.bytes_received.load(Ordering::Relaxed),
             rejected_auth: self.rejected_auth.load(Ordering::Relaxed),
             rejected_malformed: self.rejected_malformed.load(Ordering::Relaxed),
+            rejected_replay: self.rejected_replay.load(Ordering::Relaxed),
+            rejected_stale: self.rejected_stale.load(Ordering::Relaxed),
+            accepted_previous_secret: self.accepted_previous_secret.load(Ordering::Relaxed),
             dropped_by_link_control: self.dropped_by_link_control.load(Ordering::Relaxed),
             split_messages: self.split_messages.load(Ordering::Relaxed),
         }
@@ -313,8 +411,8 @@ impl LinkControl {
 }
 
 /// hivemind's gossip transport: chitchat over an already-bound UDP socket, with the framing,
-/// optional authentication, splitting, counters and link control described in the
-/// [module docs](self).
+/// optional authentication and replay protection, splitting, counters and link control
+/// described in the [module docs](self).
 ///
 /// [`Transport::open`] hands the socket out once; a second `open` fails.
 #[derive(Debug)]
@@ -322,8 +420,8 @@ pub struct MeshTransport {
     /// The bound socket, until `open` takes it (the server binds every socket before starting
     /// chitchat, so the port is known and owned up front).
     socket: Mutex<Option<std::net::UdpSocket>>,
-    /// The mesh secret; `None` sends untagged datagrams and accepts only untagged ones.
-    secret: Option<MeshSecret>,
+    /// Identity, secrets and replay settings, handed to the socket when it is opened.
+    options: TransportOptions,
     /// Counters shared with the opened socket and with [`stats`](Self::stats) callers.
     stats: Arc<TransportStats>,
     /// Link cuts shared with the opened socket and with [`links`](Self::links) callers.
@@ -331,12 +429,25 @@ pub struct MeshTransport {
 }
 
 impl MeshTransport {
-    /// Wraps an already bound socket. With `secret`, every datagram is tagged and every
-    /// received one must carry a valid tag.
+    /// Wraps an already bound socket. With `secret`, every datagram is signed and every
+    /// received one must carry a valid tag and pass the freshness and replay checks. The
+    /// sender id is random; prefer [`with_options`](Self::with_options) with the node id.
     pub fn new(socket: std::net::UdpSocket, secret: Option<MeshSecret>) -> MeshTransport {
+        MeshTransport::with_options(
+            socket,
+            TransportOptions {
+                secret,
+                ..TransportOptions::default()
+            },
+        )
+    }
+
+    /// Wraps an already bound socket with `options` (node id, secret and previous secret,
+    /// freshness window, replay tracking bound).
+    pub fn with_options(socket: std::net::UdpSocket, options: TransportOptions) -> MeshTransport {
         MeshTransport {
             socket: Mutex::new(Some(socket)),
-            secret,
+            options,
             stats: Arc::new(TransportStats::default()),
             links: LinkControl::default(),
         }
@@ -362,15 +473,6 @@ impl Transport for MeshTransport {
             .unwrap_or_else(PoisonError::into_inner)
             .take()
             .context("the gossip mesh socket was already opened")?;
-        // Build the codec before consuming the socket, and give the socket back on failure so
-        // a later open can retry.
-        let codec = match LoopbackCodec::open().await {
-            Ok(codec) => codec,
-            Err(err) => {
-                *self.socket.lock().unwrap_or_else(PoisonError::into_inner) = Some(std_socket);
-                return Err(err);
-            }
-        };
         std_socket
             .set_nonblocking(true)
             .context("failed to make the gossip mesh socket non-blocking")?;
@@ -386,22 +488,76 @@ impl Transport for MeshTransport {
                 "gossip mesh socket is bound to another address than chitchat's listen_addr"
             );
         }
+        let signer = self.options.secret.clone().map(|secret| Signer {
+            secret,
+            sender: sender_id(self.options.node_id.as_deref(), local_addr),
+            next_seq: unix_nanos(),
+        });
+        let keys = Keys {
+            current: self.options.secret.clone(),
+            previous: self
+                .options
+                .secret
+                .as_ref()
+                .and(self.options.previous_secret.clone()),
+        };
+        let freshness_ms = u64::try_from(self.options.freshness.as_millis()).unwrap_or(u64::MAX);
         Ok(Box::new(MeshSocket {
             socket,
             local_addr,
-            secret: self.secret.clone(),
+            signer,
+            keys,
+            freshness_ms,
+            replay: ReplayGuard::new(
+                self.options.max_tracked_senders,
+                freshness_ms.saturating_mul(2),
+            ),
             stats: Arc::clone(&self.stats),
             links: self.links.clone(),
             next_id: seed_u64(local_addr.port()) as u32,
             recv_buf: vec![0u8; RECV_BUF_LEN].into_boxed_slice(),
+            send_buf: Vec::with_capacity(MAX_DATAGRAM_LEN),
             reassembler: Reassembler::new(MAX_PENDING_HALVES, HALF_TTL),
-            codec,
             transient_errors: 0,
         }))
     }
 }
 
-/// A number that differs between runs and sockets: seeds message ids and codec rounds.
+/// The sender id this node signs with: its node id, a hash of it if too long, or a random id.
+fn sender_id(node_id: Option<&str>, local_addr: SocketAddr) -> Vec<u8> {
+    match node_id {
+        Some(id) if !id.is_empty() && id.len() <= MAX_SENDER_ID_LEN => id.as_bytes().to_vec(),
+        Some(id) if !id.is_empty() => {
+            let hash = Sha256::digest(id.as_bytes());
+            let hex: String = hash.iter().take(16).map(|b| format!("{b:02x}")).collect();
+            format!("sha256:{hex}").into_bytes()
+        }
+        _ => {
+            let salt = local_addr.port() ^ (std::process::id() as u16);
+            let random = seed_u64(salt) ^ unix_nanos().rotate_left(17);
+            format!("anon-{random:016x}").into_bytes()
+        }
+    }
+}
+
+/// The wall clock in milliseconds since the Unix epoch (0 before it).
+fn unix_millis() -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(now.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The wall clock in nanoseconds since the Unix epoch (0 before it): the first sequence number
+/// of a socket, so a restarted sender continues above its previous run.
+fn unix_nanos() -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(now.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A number that differs between runs and sockets: seeds message ids and random sender ids.
 fn seed_u64(salt: u16) -> u64 {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -421,14 +577,38 @@ fn is_transient_io_error(err: &io::Error) -> bool {
     )
 }
 
+/// What signs outgoing datagrams when a secret is set.
+struct Signer {
+    /// The current mesh secret (the previous one never signs).
+    secret: MeshSecret,
+    /// This node's sender id, carried in every signed header.
+    sender: Vec<u8>,
+    /// Sequence number of the next datagram sent.
+    next_seq: u64,
+}
+
+/// The keys a received datagram may be signed with.
+struct Keys {
+    /// The current secret; `None` means the mesh runs without authentication.
+    current: Option<MeshSecret>,
+    /// The previous secret, still accepted during a rolling change.
+    previous: Option<MeshSecret>,
+}
+
 /// The opened socket chitchat drives.
 struct MeshSocket {
     /// The mesh UDP socket.
     socket: tokio::net::UdpSocket,
     /// Its address, cached for `Socket::local_addr`.
     local_addr: SocketAddr,
-    /// The mesh secret, if any: tags what is sent, checks what is received.
-    secret: Option<MeshSecret>,
+    /// Signs what is sent, when there is a secret.
+    signer: Option<Signer>,
+    /// Checks what is received.
+    keys: Keys,
+    /// Freshness window in milliseconds, either way of this node's clock.
+    freshness_ms: u64,
+    /// Per-sender sequence windows: drops replays of authenticated datagrams.
+    replay: ReplayGuard,
     /// Counters shared with the transport.
     stats: Arc<TransportStats>,
     /// Link cuts shared with the transport.
@@ -437,10 +617,10 @@ struct MeshSocket {
     next_id: u32,
     /// Buffer datagrams are read into.
     recv_buf: Box<[u8]>,
+    /// Buffer messages are serialized into, reused.
+    send_buf: Vec<u8>,
     /// Halves of split messages waiting for their other half.
     reassembler: Reassembler,
-    /// chitchat's (de)serializer, reached through loopback sockets.
-    codec: LoopbackCodec,
     /// Transient receive errors seen, to rate-limit their log.
     transient_errors: u64,
 }
@@ -456,20 +636,22 @@ impl Socket for MeshSocket {
         to_addr: SocketAddr,
         envelope: ChitchatEnvelope,
     ) -> anyhow::Result<SendOutcome> {
-        let Some(payload) = self.codec.encode(envelope).await? else {
-            // The loopback lost it: as good as a datagram lost on the network.
-            debug!(to = %to_addr, "gossip message lost while serializing it");
-            return Ok(SendOutcome { num_bytes_sent: 0 });
-        };
-        let num_bytes_sent = payload.len();
+        self.send_buf.clear();
+        envelope.serialize(&mut self.send_buf);
+        let num_bytes_sent = self.send_buf.len();
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
-        let frames = encode_frames(&payload, id, self.secret.as_ref())
-            .context("failed to frame a gossip message")?;
         if self.links.is_blocked(to_addr) {
-            bump(&self.stats.dropped_by_link_control, frames.len() as u64);
+            let datagrams = if num_bytes_sent > max_chunk(self.signer.as_ref()) {
+                2
+            } else {
+                1
+            };
+            bump(&self.stats.dropped_by_link_control, datagrams);
             return Ok(SendOutcome { num_bytes_sent });
         }
+        let frames = encode_frames(&self.send_buf, id, self.signer.as_mut(), unix_millis())
+            .context("failed to frame a gossip message")?;
         if frames.len() > 1 {
             bump(&self.stats.split_messages, 1);
         }
@@ -485,30 +667,9 @@ impl Socket for MeshSocket {
         Ok(SendOutcome { num_bytes_sent })
     }
 
-    /// Cancel-safe: a message being decoded when the future is dropped is finished by the next
-    /// call.
+    /// Cancel-safe: a datagram is read and fully handled without an await in between.
     async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
         loop {
-            if self.codec.is_decoding() {
-                match self.codec.finish_decode().await? {
-                    Some(DecodeOutcome::Decoded {
-                        from_addr,
-                        envelope,
-                        num_bytes,
-                    }) => {
-                        return Ok(RecvOutcome {
-                            from_addr,
-                            envelope,
-                            num_bytes_received: num_bytes,
-                        });
-                    }
-                    Some(DecodeOutcome::Failed { from_addr, reason }) => {
-                        self.reject_malformed(from_addr, reason);
-                    }
-                    None => {}
-                }
-                continue;
-            }
             let (len, from_addr) = match self.socket.recv_from(&mut self.recv_buf[..]).await {
                 Ok(received) => received,
                 Err(err) if is_transient_io_error(&err) => {
@@ -516,7 +677,7 @@ impl Socket for MeshSocket {
                         warn!(
                             error = %err,
                             count = self.transient_errors + 1,
-                            "transient UDP recv error on the gossip mesh socket"
+                            "transient udp recv error on the gossip mesh socket"
                         );
                     }
                     self.transient_errors += 1;
@@ -526,69 +687,115 @@ impl Socket for MeshSocket {
                     return Err(err).context("fatal UDP recv error on the gossip mesh socket");
                 }
             };
-            bump(&self.stats.datagrams_received, 1);
-            bump(&self.stats.bytes_received, len as u64);
-            if self.links.is_blocked(from_addr) {
-                bump(&self.stats.dropped_by_link_control, 1);
-                continue;
+            if let Some(outcome) = self.accept(len, from_addr) {
+                return Ok(outcome);
             }
-            let Some(datagram) = self.recv_buf.get(..len) else {
-                continue;
-            };
-            let frame = match open_frame(datagram, self.secret.as_ref()) {
-                Ok(frame) => frame,
-                Err(FrameError::Auth(reason)) => {
-                    let previous = bump(&self.stats.rejected_auth, 1);
-                    if should_log(previous) {
-                        warn!(
-                            from = %from_addr,
-                            reason,
-                            count = previous + 1,
-                            "rejected unauthenticated gossip datagram \
-                             (is the mesh secret the same on every node?)"
-                        );
-                    }
-                    continue;
-                }
-                Err(FrameError::Malformed(reason)) => {
-                    self.reject_malformed(from_addr, reason);
-                    continue;
-                }
-            };
-            let payload = match frame.kind {
-                FrameKind::Whole => frame.payload.to_vec(),
-                kind => {
-                    let now = std::time::Instant::now();
-                    match self
-                        .reassembler
-                        .accept(from_addr, frame.id, kind, frame.payload, now)
-                    {
-                        Some(payload) => payload,
-                        None => continue,
-                    }
-                }
-            };
-            if let Err(reason) = self.codec.check_payload(&payload) {
-                self.reject_malformed(from_addr, reason);
-                continue;
-            }
-            self.codec.start_decode(from_addr, payload);
         }
     }
 }
 
 impl MeshSocket {
-    /// Counts a malformed datagram or message, logging only the first and every 1000th.
-    fn reject_malformed(&self, from_addr: SocketAddr, reason: &'static str) {
-        let previous = bump(&self.stats.rejected_malformed, 1);
-        if should_log(previous) {
-            debug!(
-                from = %from_addr,
-                reason,
-                count = previous + 1,
-                "rejected malformed gossip datagram"
-            );
+    /// Checks the datagram of `len` bytes in the receive buffer and decodes it; `None` when it
+    /// is dropped (counted) or is the first half of a split message.
+    fn accept(&mut self, len: usize, from_addr: SocketAddr) -> Option<RecvOutcome> {
+        bump(&self.stats.datagrams_received, 1);
+        bump(&self.stats.bytes_received, len as u64);
+        if self.links.is_blocked(from_addr) {
+            bump(&self.stats.dropped_by_link_control, 1);
+            return None;
         }
+        let datagram = self.recv_buf.get(..len)?;
+        let frame = match open_frame(datagram, &self.keys) {
+            Ok(frame) => frame,
+            Err(FrameError::Auth(reason)) => {
+                let previous = bump(&self.stats.rejected_auth, 1);
+                if should_log(previous) {
+                    warn!(
+                        from = %from_addr,
+                        reason,
+                        count = previous + 1,
+                        "rejected unauthenticated gossip datagram \
+                         (is the mesh secret the same on every node?)"
+                    );
+                }
+                return None;
+            }
+            Err(FrameError::Malformed(reason)) => {
+                reject_malformed(&self.stats, from_addr, reason);
+                return None;
+            }
+        };
+        if let Some(auth) = &frame.auth {
+            let now_ms = unix_millis();
+            if auth.timestamp_ms.abs_diff(now_ms) > self.freshness_ms {
+                let previous = bump(&self.stats.rejected_stale, 1);
+                if should_log(previous) {
+                    warn!(
+                        from = %from_addr,
+                        sender = %String::from_utf8_lossy(auth.sender),
+                        skew_ms = i128::from(auth.timestamp_ms) - i128::from(now_ms),
+                        count = previous + 1,
+                        "rejected stale gossip datagram (replayed, or clocks out of sync?)"
+                    );
+                }
+                return None;
+            }
+            if !self.replay.check(auth.sender, auth.seq, now_ms) {
+                let previous = bump(&self.stats.rejected_replay, 1);
+                if should_log(previous) {
+                    debug!(
+                        from = %from_addr,
+                        sender = %String::from_utf8_lossy(auth.sender),
+                        count = previous + 1,
+                        "rejected replayed gossip datagram"
+                    );
+                }
+                return None;
+            }
+            if auth.with_previous_secret {
+                bump(&self.stats.accepted_previous_secret, 1);
+            }
+        }
+        let whole;
+        let payload: &[u8] = match frame.kind {
+            FrameKind::Whole => frame.payload,
+            kind => {
+                let now = std::time::Instant::now();
+                whole = self
+                    .reassembler
+                    .accept(from_addr, frame.id, kind, frame.payload, now)?;
+                &whole
+            }
+        };
+        let num_bytes_received = payload.len();
+        match ChitchatEnvelope::deserialize(&mut &payload[..]) {
+            Ok(envelope) => Some(RecvOutcome {
+                from_addr,
+                envelope,
+                num_bytes_received,
+            }),
+            Err(_) => {
+                reject_malformed(
+                    &self.stats,
+                    from_addr,
+                    "chitchat could not decode the message",
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Counts a malformed datagram or message, logging only the first and every 1000th.
+fn reject_malformed(stats: &TransportStats, from_addr: SocketAddr, reason: &'static str) {
+    let previous = bump(&stats.rejected_malformed, 1);
+    if should_log(previous) {
+        debug!(
+            from = %from_addr,
+            reason,
+            count = previous + 1,
+            "rejected malformed gossip datagram"
+        );
     }
 }
 
@@ -624,6 +831,19 @@ impl FrameKind {
     }
 }
 
+/// The signed fields of an authenticated datagram.
+#[derive(Debug, PartialEq, Eq)]
+struct FrameAuth<'a> {
+    /// The sender's id.
+    sender: &'a [u8],
+    /// The sender's clock when it sent the datagram, Unix milliseconds.
+    timestamp_ms: u64,
+    /// The sender's sequence number of this datagram.
+    seq: u64,
+    /// Whether the tag matched the previous secret rather than the current one.
+    with_previous_secret: bool,
+}
+
 /// A checked datagram.
 #[derive(Debug, PartialEq, Eq)]
 struct Frame<'a> {
@@ -631,8 +851,10 @@ struct Frame<'a> {
     kind: FrameKind,
     /// Message id, pairing the halves of a split message.
     id: u32,
-    /// The chitchat bytes (or half of them), tag removed.
+    /// The chitchat bytes (or half of them), header and tag removed.
     payload: &'a [u8],
+    /// The signed fields, when the mesh has a secret.
+    auth: Option<FrameAuth<'a>>,
 }
 
 /// Why a datagram was refused.
@@ -644,20 +866,31 @@ enum FrameError {
     Malformed(&'static str),
 }
 
-/// The largest payload one datagram carries with (`true`) or without a tag.
-fn max_chunk(tagged: bool) -> usize {
-    MAX_DATAGRAM_LEN - HEADER_LEN - if tagged { TAG_LEN } else { 0 }
+/// The largest payload one datagram carries with `signer`'s header and tag, or without.
+fn max_chunk(signer: Option<&Signer>) -> usize {
+    match signer {
+        Some(signer) => MAX_DATAGRAM_LEN - AUTH_HEADER_FIXED_LEN - signer.sender.len() - TAG_LEN,
+        None => MAX_DATAGRAM_LEN - HEADER_LEN,
+    }
 }
 
-/// Frames `payload` as one datagram, or two if it does not fit in one.
+/// Frames `payload` as one datagram, or two if it does not fit in one. Each datagram signed
+/// by `signer` takes the next sequence number.
 fn encode_frames(
     payload: &[u8],
     id: u32,
-    secret: Option<&MeshSecret>,
+    mut signer: Option<&mut Signer>,
+    now_ms: u64,
 ) -> Result<Vec<Vec<u8>>, TransportError> {
-    let chunk = max_chunk(secret.is_some());
+    let chunk = max_chunk(signer.as_deref());
     if payload.len() <= chunk {
-        return Ok(vec![encode_frame(FrameKind::Whole, id, payload, secret)]);
+        return Ok(vec![encode_frame(
+            FrameKind::Whole,
+            id,
+            payload,
+            signer,
+            now_ms,
+        )]);
     }
     if payload.len() > 2 * chunk {
         return Err(TransportError::MessageTooLarge {
@@ -667,81 +900,250 @@ fn encode_frames(
     }
     let (first, second) = payload.split_at(payload.len().div_ceil(2));
     Ok(vec![
-        encode_frame(FrameKind::FirstHalf, id, first, secret),
-        encode_frame(FrameKind::SecondHalf, id, second, secret),
+        encode_frame(
+            FrameKind::FirstHalf,
+            id,
+            first,
+            signer.as_deref_mut(),
+            now_ms,
+        ),
+        encode_frame(FrameKind::SecondHalf, id, second, signer, now_ms),
     ])
 }
 
-/// Frames one datagram: header, payload, and the tag when there is a secret.
-fn encode_frame(kind: FrameKind, id: u32, payload: &[u8], secret: Option<&MeshSecret>) -> Vec<u8> {
-    let tag_len = if secret.is_some() { TAG_LEN } else { 0 };
-    let mut frame = Vec::with_capacity(HEADER_LEN + payload.len() + tag_len);
-    frame.push(if secret.is_some() {
-        MAGIC_AUTH
-    } else {
-        MAGIC_PLAIN
-    });
+/// Frames one datagram: header, payload, and the tag when there is a signer.
+fn encode_frame(
+    kind: FrameKind,
+    id: u32,
+    payload: &[u8],
+    signer: Option<&mut Signer>,
+    now_ms: u64,
+) -> Vec<u8> {
+    let Some(signer) = signer else {
+        let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
+        frame.push(MAGIC_PLAIN);
+        frame.push(kind.code());
+        frame.extend_from_slice(&id.to_be_bytes());
+        frame.extend_from_slice(payload);
+        return frame;
+    };
+    let seq = signer.next_seq;
+    signer.next_seq = signer.next_seq.wrapping_add(1);
+    let sender = &signer.sender[..signer.sender.len().min(MAX_SENDER_ID_LEN)];
+    let mut frame =
+        Vec::with_capacity(AUTH_HEADER_FIXED_LEN + sender.len() + payload.len() + TAG_LEN);
+    frame.push(MAGIC_AUTH);
     frame.push(kind.code());
     frame.extend_from_slice(&id.to_be_bytes());
+    frame.extend_from_slice(&now_ms.to_be_bytes());
+    frame.extend_from_slice(&seq.to_be_bytes());
+    frame.push(sender.len() as u8);
+    frame.extend_from_slice(sender);
     frame.extend_from_slice(payload);
-    if let Some(secret) = secret {
-        let tag = secret.tag(&frame);
-        frame.extend_from_slice(&tag);
-    }
+    let tag = signer.secret.tag(&frame);
+    frame.extend_from_slice(&tag);
     frame
 }
 
-/// Checks a received datagram against this node's configuration and splits it into parts.
-fn open_frame<'a>(
-    datagram: &'a [u8],
-    secret: Option<&MeshSecret>,
-) -> Result<Frame<'a>, FrameError> {
-    let Some((&magic, _)) = datagram.split_first() else {
+/// Reads a big-endian u64 at `at` in `bytes`, if it is there.
+fn be_u64(bytes: &[u8], at: usize) -> Option<u64> {
+    let raw: [u8; 8] = bytes.get(at..at.checked_add(8)?)?.try_into().ok()?;
+    Some(u64::from_be_bytes(raw))
+}
+
+/// Reads a big-endian u32 at `at` in `bytes`, if it is there.
+fn be_u32(bytes: &[u8], at: usize) -> Option<u32> {
+    let raw: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
+    Some(u32::from_be_bytes(raw))
+}
+
+/// Checks a received datagram against this node's keys and splits it into parts. Freshness
+/// and replay are checked by the caller, which knows the clock and the senders seen.
+fn open_frame<'a>(datagram: &'a [u8], keys: &Keys) -> Result<Frame<'a>, FrameError> {
+    let Some(&magic) = datagram.first() else {
         return Err(FrameError::Malformed("empty datagram"));
     };
-    let body = match (magic, secret) {
-        (MAGIC_AUTH, Some(secret)) => {
-            if datagram.len() < HEADER_LEN + TAG_LEN {
+    match (magic, &keys.current) {
+        (MAGIC_AUTH, Some(current)) => {
+            if datagram.len() < AUTH_HEADER_FIXED_LEN + TAG_LEN {
                 return Err(FrameError::Malformed(
                     "datagram too short for header and tag",
                 ));
             }
             let (signed, tag) = datagram.split_at(datagram.len() - TAG_LEN);
-            if !secret.verify(signed, tag) {
+            let with_previous_secret = if current.verify(signed, tag) {
+                false
+            } else if keys
+                .previous
+                .as_ref()
+                .is_some_and(|previous| previous.verify(signed, tag))
+            {
+                true
+            } else {
                 return Err(FrameError::Auth("wrong tag (different secret?)"));
+            };
+            let kind = signed
+                .get(1)
+                .copied()
+                .and_then(FrameKind::from_code)
+                .ok_or(FrameError::Malformed("unknown frame kind"))?;
+            let malformed = FrameError::Malformed("datagram shorter than its signed header");
+            let id = be_u32(signed, 2).ok_or(FrameError::Malformed("no message id"))?;
+            let timestamp_ms = be_u64(signed, 6).ok_or(FrameError::Malformed("no timestamp"))?;
+            let seq = be_u64(signed, 14).ok_or(FrameError::Malformed("no sequence"))?;
+            let sender_len = usize::from(*signed.get(22).ok_or(FrameError::Malformed("no sender"))?);
+            if sender_len == 0 {
+                return Err(FrameError::Malformed("empty sender id"));
             }
-            signed
+            let payload_start = AUTH_HEADER_FIXED_LEN + sender_len;
+            let sender = signed.get(AUTH_HEADER_FIXED_LEN..payload_start).ok_or(malformed)?;
+            let payload = signed.get(payload_start..).unwrap_or_default();
+            Ok(Frame {
+                kind,
+                id,
+                payload,
+                auth: Some(FrameAuth {
+                    sender,
+                    timestamp_ms,
+                    seq,
+                    with_previous_secret,
+                }),
+            })
         }
-        (MAGIC_PLAIN, None) => datagram,
-        (MAGIC_PLAIN, Some(_)) => {
-            return Err(FrameError::Auth("untagged datagram (peer has no secret)"))
+        (MAGIC_PLAIN, None) => {
+            let Some((header, payload)) = datagram.split_at_checked(HEADER_LEN) else {
+                return Err(FrameError::Malformed("datagram shorter than the header"));
+            };
+            let kind = header
+                .get(1)
+                .copied()
+                .and_then(FrameKind::from_code)
+                .ok_or(FrameError::Malformed("unknown frame kind"))?;
+            let id = be_u32(header, 2).ok_or(FrameError::Malformed("no message id"))?;
+            Ok(Frame {
+                kind,
+                id,
+                payload,
+                auth: None,
+            })
         }
-        (MAGIC_AUTH, None) => {
-            return Err(FrameError::Auth(
-                "tagged datagram (peer has a secret, this node has none)",
-            ));
+        (MAGIC_PLAIN, Some(_)) => Err(FrameError::Auth("untagged datagram (peer has no secret)")),
+        (MAGIC_AUTH, None) => Err(FrameError::Auth(
+            "tagged datagram (peer has a secret, this node has none)",
+        )),
+        (MAGIC_AUTH_V1, _) => Err(FrameError::Auth(
+            "previous authenticated format without replay protection (peer runs an older hivemind?)",
+        )),
+        _ => Err(FrameError::Malformed(
+            "not a gossip mesh datagram (bad magic)",
+        )),
+    }
+}
+
+/// Per-sender sliding windows of authenticated sequence numbers: a datagram whose sequence was
+/// already accepted, or is more than [`REPLAY_WINDOW`] below the sender's highest, is a replay.
+/// Bounded: at most `max_senders` windows (the least recently heard is forgotten first), and a
+/// window idle for `forget_after_ms` is forgotten (what it protected is stale by then).
+struct ReplayGuard {
+    /// Windows by sender id.
+    senders: HashMap<Vec<u8>, SenderWindow>,
+    /// Most windows kept.
+    max_senders: usize,
+    /// Idle time after which a window is forgotten, in milliseconds.
+    forget_after_ms: u64,
+}
+
+/// The sequence numbers accepted from one sender.
+struct SenderWindow {
+    /// The highest sequence number accepted.
+    highest: u64,
+    /// Bit `i` set: `highest - i` was accepted.
+    seen: u64,
+    /// This node's clock when the sender was last accepted, Unix milliseconds.
+    last_heard_ms: u64,
+}
+
+impl ReplayGuard {
+    /// No sender tracked yet.
+    fn new(max_senders: usize, forget_after_ms: u64) -> ReplayGuard {
+        ReplayGuard {
+            senders: HashMap::new(),
+            max_senders: max_senders.max(1),
+            forget_after_ms,
         }
-        _ => {
-            return Err(FrameError::Malformed(
-                "not a gossip mesh datagram (bad magic)",
-            ))
+    }
+
+    /// Whether `seq` from `sender` is new; records it if so.
+    fn check(&mut self, sender: &[u8], seq: u64, now_ms: u64) -> bool {
+        let forget_after_ms = self.forget_after_ms;
+        if let Some(window) = self.senders.get_mut(sender) {
+            if now_ms.saturating_sub(window.last_heard_ms) <= forget_after_ms {
+                let accepted = window.accept(seq);
+                if accepted {
+                    window.last_heard_ms = now_ms;
+                }
+                return accepted;
+            }
+            // Idle long enough that anything it protected is stale: start afresh.
+            *window = SenderWindow::starting_at(seq, now_ms);
+            return true;
         }
-    };
-    let Some((header, payload)) = body.split_at_checked(HEADER_LEN) else {
-        return Err(FrameError::Malformed("datagram shorter than the header"));
-    };
-    let kind = header
-        .get(1)
-        .copied()
-        .and_then(FrameKind::from_code)
-        .ok_or(FrameError::Malformed("unknown frame kind"))?;
-    let mut id = [0u8; 4];
-    id.copy_from_slice(&header[2..HEADER_LEN]);
-    Ok(Frame {
-        kind,
-        id: u32::from_be_bytes(id),
-        payload,
-    })
+        while self.senders.len() >= self.max_senders {
+            let Some(oldest) = self
+                .senders
+                .iter()
+                .min_by_key(|(_, window)| window.last_heard_ms)
+                .map(|(sender, _)| sender.clone())
+            else {
+                break;
+            };
+            self.senders.remove(&oldest);
+        }
+        self.senders
+            .insert(sender.to_vec(), SenderWindow::starting_at(seq, now_ms));
+        true
+    }
+
+    /// How many senders are tracked.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.senders.len()
+    }
+}
+
+impl SenderWindow {
+    /// A window whose only accepted sequence is `seq`.
+    fn starting_at(seq: u64, now_ms: u64) -> SenderWindow {
+        SenderWindow {
+            highest: seq,
+            seen: 1,
+            last_heard_ms: now_ms,
+        }
+    }
+
+    /// Whether `seq` is new to this window; records it if so.
+    fn accept(&mut self, seq: u64) -> bool {
+        if seq > self.highest {
+            let shift = seq - self.highest;
+            self.seen = if shift >= REPLAY_WINDOW {
+                1
+            } else {
+                (self.seen << shift) | 1
+            };
+            self.highest = seq;
+            return true;
+        }
+        let behind = self.highest - seq;
+        if behind >= REPLAY_WINDOW {
+            return false;
+        }
+        let bit = 1u64 << behind;
+        if self.seen & bit != 0 {
+            return false;
+        }
+        self.seen |= bit;
+        true
+    }
 }
 
 /// Pairs the halves of split messages. Bounded: at most `max_pending` halves wait, each for
@@ -835,308 +1237,15 @@ impl Reassembler {
     }
 }
 
-/// What finishing a decode round gave.
-enum DecodeOutcome {
-    /// chitchat decoded the message.
-    Decoded {
-        /// The peer that sent it.
-        from_addr: SocketAddr,
-        /// The message.
-        envelope: ChitchatEnvelope,
-        /// Its chitchat size in bytes.
-        num_bytes: usize,
-    },
-    /// chitchat could not decode it, or the loopback lost it.
-    Failed {
-        /// The peer that sent it.
-        from_addr: SocketAddr,
-        /// Why, for the log.
-        reason: &'static str,
-    },
-}
-
-/// Where a decode round is; kept across cancelled `recv` calls so they resume it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DecodeStage {
-    /// The payload has not been handed to the loopback chitchat socket yet.
-    SendPayload,
-    /// The payload was handed over; the closing sentinel has not been.
-    SendSentinel,
-    /// Both were handed over; waiting for chitchat to return the sentinel.
-    AwaitSentinel,
-}
-
-/// One message being decoded through the loopback.
-struct PendingDecode {
-    /// The peer that sent it, reported to chitchat with the result.
-    from_addr: SocketAddr,
-    /// Its chitchat bytes, kept until handed over so a cancelled send can be retried.
-    payload: Vec<u8>,
-    /// Round number, carried by this round's sentinel so stale rounds are recognized.
-    nonce: u64,
-    /// The serialized sentinel closing this round.
-    sentinel: Vec<u8>,
-    /// Progress, so a cancelled `recv` resumes where it stopped.
-    stage: DecodeStage,
-    /// When this round is given up (the loopback lost a datagram, or it is being flooded).
-    deadline: tokio::time::Instant,
-    /// The latest message chitchat decoded this round (the payload, once it has come back).
-    decoded: Option<ChitchatEnvelope>,
-}
-
-/// chitchat's message (de)serializer, reached through a private pair of loopback sockets
-/// because chitchat 0.13 does not expose it (see the [module docs](self)).
-///
-/// - Encoding: the chitchat socket sends the envelope to the tap; the tap reads the bytes.
-/// - Decoding: the tap sends the bytes to the chitchat socket, then a *sentinel* (a `Syn`
-///   whose cluster id names this round); chitchat returns the decoded payload, if it was
-///   valid, and then the sentinel. Seeing the sentinel without the payload means chitchat
-///   rejected the payload. Only datagrams from the tap are trusted by the chitchat socket and
-///   only datagrams from the chitchat socket by the tap, so other local processes cannot inject
-///   messages.
-struct LoopbackCodec {
-    /// chitchat's own UDP socket on 127.0.0.1: the public path to its (de)serializer.
-    inner: chitchat::transport::UdpSocket,
-    /// Its address: the only source the tap accepts.
-    inner_addr: SocketAddr,
-    /// The plain socket on 127.0.0.1 that exchanges raw bytes with `inner`.
-    tap: tokio::net::UdpSocket,
-    /// Its address: the only source whose decoded messages are accepted.
-    tap_addr: SocketAddr,
-    /// Buffer the tap reads serialized messages into.
-    tap_buf: Box<[u8]>,
-    /// A serialized sentinel with an all-zero round number, patched for each round.
-    sentinel_template: Vec<u8>,
-    /// Number of the next decode round.
-    next_nonce: u64,
-    /// The round in progress, if any.
-    pending: Option<PendingDecode>,
-}
-
-impl LoopbackCodec {
-    /// Binds the loopback pair and learns the sentinel's serialized form.
-    async fn open() -> anyhow::Result<LoopbackCodec> {
-        let loopback: SocketAddr = (Ipv4Addr::LOCALHOST, 0).into();
-        let inner = chitchat::transport::UdpSocket::open(loopback)
-            .await
-            .context("failed to bind the gossip codec's loopback chitchat socket")?;
-        let inner_addr = inner.local_addr()?;
-        let tap = tokio::net::UdpSocket::bind(loopback)
-            .await
-            .context("failed to bind the gossip codec's loopback tap socket")?;
-        let tap_addr = tap
-            .local_addr()
-            .context("failed to get the gossip codec's tap socket address")?;
-        let mut codec = LoopbackCodec {
-            inner,
-            inner_addr,
-            tap,
-            tap_addr,
-            tap_buf: vec![0u8; RECV_BUF_LEN].into_boxed_slice(),
-            sentinel_template: Vec::new(),
-            next_nonce: seed_u64(tap_addr.port()),
-            pending: None,
-        };
-        let zero_id = sentinel_cluster_id(0);
-        let template = codec
-            .encode(sentinel_envelope(0))
-            .await?
-            .context("the gossip codec's loopback did not return the sentinel")?;
-        // chitchat writes a Syn's cluster id last, so the round number is the template's tail.
-        anyhow::ensure!(
-            template.ends_with(zero_id.as_bytes()),
-            "unexpected chitchat serialization: the codec sentinel cannot be patched"
-        );
-        codec.sentinel_template = template;
-        Ok(codec)
-    }
-
-    /// Serializes `envelope` with chitchat. `Ok(None)` if the loopback lost it.
-    async fn encode(&mut self, envelope: ChitchatEnvelope) -> anyhow::Result<Option<Vec<u8>>> {
-        let SendOutcome { num_bytes_sent } = self
-            .inner
-            .send(self.tap_addr, envelope)
-            .await
-            .context("the gossip codec's loopback chitchat socket failed")?;
-        let deadline = tokio::time::Instant::now() + CODEC_TIMEOUT;
-        loop {
-            let received =
-                tokio::time::timeout_at(deadline, self.tap.recv_from(&mut self.tap_buf[..])).await;
-            match received {
-                Err(_elapsed) => return Ok(None),
-                Ok(Err(err)) if is_transient_io_error(&err) => continue,
-                Ok(Err(err)) => {
-                    return Err(err).context("the gossip codec's loopback tap socket failed");
-                }
-                // Anything not from our chitchat socket (another local process) or of another
-                // length (left over from a cancelled encode) is not this message.
-                Ok(Ok((len, from))) if from == self.inner_addr && len == num_bytes_sent => {
-                    return Ok(self.tap_buf.get(..len).map(<[u8]>::to_vec));
-                }
-                Ok(Ok(_)) => continue,
-            }
-        }
-    }
-
-    /// Cheap check before a decode round: the chitchat header's magic number (learned from the
-    /// sentinel) and the size chitchat can receive.
-    fn check_payload(&self, payload: &[u8]) -> Result<(), &'static str> {
-        if payload.len() > MAX_DATAGRAM_LEN {
-            return Err("message larger than chitchat accepts");
-        }
-        let magic = self.sentinel_template.get(..2).unwrap_or_default();
-        if payload.len() < 4 || !payload.starts_with(magic) {
-            return Err("payload is not a chitchat message");
-        }
-        Ok(())
-    }
-
-    /// Whether a round is in progress (the next `finish_decode` continues it).
-    fn is_decoding(&self) -> bool {
-        self.pending.is_some()
-    }
-
-    /// Starts a decode round for `payload` from `from_addr`.
-    fn start_decode(&mut self, from_addr: SocketAddr, payload: Vec<u8>) {
-        let nonce = self.next_nonce;
-        self.next_nonce = self.next_nonce.wrapping_add(1);
-        let mut sentinel = self.sentinel_template.clone();
-        let tail = sentinel.len().saturating_sub(SENTINEL_NONCE_HEX_LEN);
-        if let Some(digits) = sentinel.get_mut(tail..) {
-            digits.copy_from_slice(format!("{nonce:016x}").as_bytes());
-        }
-        self.pending = Some(PendingDecode {
-            from_addr,
-            payload,
-            nonce,
-            sentinel,
-            stage: DecodeStage::SendPayload,
-            deadline: tokio::time::Instant::now() + CODEC_TIMEOUT,
-            decoded: None,
-        });
-    }
-
-    /// Drives the round in progress to its end. Cancel-safe: progress is kept in `self`.
-    /// `Ok(None)` if no round was in progress; `Err` only if a loopback socket is broken.
-    async fn finish_decode(&mut self) -> anyhow::Result<Option<DecodeOutcome>> {
-        let Some(pending) = self.pending.as_mut() else {
-            return Ok(None);
-        };
-        let failure = loop {
-            match pending.stage {
-                DecodeStage::SendPayload | DecodeStage::SendSentinel => {
-                    let bytes = if pending.stage == DecodeStage::SendPayload {
-                        &pending.payload
-                    } else {
-                        &pending.sentinel
-                    };
-                    let sent = tokio::time::timeout_at(
-                        pending.deadline,
-                        self.tap.send_to(bytes, self.inner_addr),
-                    )
-                    .await;
-                    match sent {
-                        Ok(Ok(_)) => {
-                            pending.stage = if pending.stage == DecodeStage::SendPayload {
-                                DecodeStage::SendSentinel
-                            } else {
-                                DecodeStage::AwaitSentinel
-                            };
-                        }
-                        Ok(Err(err)) => {
-                            debug!(error = %err, "gossip codec loopback send failed");
-                            break "loopback send failed";
-                        }
-                        Err(_elapsed) => break "timed out decoding",
-                    }
-                }
-                DecodeStage::AwaitSentinel => {
-                    let received =
-                        tokio::time::timeout_at(pending.deadline, self.inner.recv()).await;
-                    let outcome = match received {
-                        Err(_elapsed) => break "timed out decoding",
-                        Ok(Err(err)) => {
-                            return Err(
-                                err.context("the gossip codec's loopback chitchat socket failed")
-                            );
-                        }
-                        Ok(Ok(outcome)) => outcome,
-                    };
-                    if outcome.from_addr != self.tap_addr {
-                        // Another local process wrote to the loopback socket: not mesh traffic.
-                        continue;
-                    }
-                    match sentinel_nonce(&outcome.envelope) {
-                        Some(nonce) if nonce == pending.nonce => {
-                            let from_addr = pending.from_addr;
-                            let num_bytes = pending.payload.len();
-                            let decoded = pending.decoded.take();
-                            self.pending = None;
-                            return Ok(Some(match decoded {
-                                Some(envelope) => DecodeOutcome::Decoded {
-                                    from_addr,
-                                    envelope,
-                                    num_bytes,
-                                },
-                                None => DecodeOutcome::Failed {
-                                    from_addr,
-                                    reason: "chitchat could not decode the message",
-                                },
-                            }));
-                        }
-                        // An earlier, abandoned round ended: what came before was not ours.
-                        Some(_) => pending.decoded = None,
-                        None => pending.decoded = Some(outcome.envelope),
-                    }
-                }
-            }
-        };
-        let from_addr = pending.from_addr;
-        self.pending = None;
-        Ok(Some(DecodeOutcome::Failed {
-            from_addr,
-            reason: failure,
-        }))
-    }
-}
-
-/// The cluster id of the sentinel for round `nonce`.
-fn sentinel_cluster_id(nonce: u64) -> String {
-    format!(
-        "{SENTINEL_PREFIX}{nonce:0width$x}",
-        width = SENTINEL_NONCE_HEX_LEN
-    )
-}
-
-/// The sentinel message for round `nonce`.
-fn sentinel_envelope(nonce: u64) -> ChitchatEnvelope {
-    ChitchatEnvelope {
-        version: ProtocolVersion::V0,
-        message: ChitchatMessage::Syn {
-            cluster_id: sentinel_cluster_id(nonce),
-            digest: Default::default(),
-        },
-    }
-}
-
-/// The round number if `envelope` is a codec sentinel.
-fn sentinel_nonce(envelope: &ChitchatEnvelope) -> Option<u64> {
-    let ChitchatMessage::Syn { cluster_id, .. } = &envelope.message else {
-        return None;
-    };
-    let digits = cluster_id.strip_prefix(SENTINEL_PREFIX)?;
-    if digits.len() != SENTINEL_NONCE_HEX_LEN {
-        return None;
-    }
-    u64::from_str_radix(digits, 16).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use std::task::Poll;
     use std::time::Instant;
 
     use tokio::time::timeout;
+
+    use chitchat::{ChitchatMessage, ProtocolVersion};
+    use std::net::Ipv4Addr;
 
     use super::*;
 
@@ -1263,95 +1372,6 @@ mod tests {
     #[tokio::test]
     async fn secret_to_no_secret_is_rejected() {
         assert_rejected_auth(secret("one"), None).await;
-    }
-
-    async fn garbage_then_good(secret_b: Option<MeshSecret>) {
-        let (tb, mut b, addr_b) = open_mesh(secret_b.clone()).await;
-        let raw = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
-            .await
-            .unwrap();
-        let magic = if secret_b.is_some() {
-            MAGIC_AUTH
-        } else {
-            MAGIC_PLAIN
-        };
-        // Bad magic, empty, too short for the header, unknown kind, valid frame around a
-        // non-chitchat payload, valid frame around a chitchat-looking but broken payload.
-        let mut garbage: Vec<Vec<u8>> = vec![
-            b"junk".to_vec(),
-            Vec::new(),
-            vec![magic, 0, 1],
-            encode_frame(FrameKind::Whole, 1, b"x", secret_b.as_ref()),
-        ];
-        let mut bad_kind = encode_frame(FrameKind::Whole, 2, b"abcd", None);
-        bad_kind[1] = 9;
-        if let Some(s) = &secret_b {
-            bad_kind[0] = MAGIC_AUTH;
-            let tag = s.tag(&bad_kind);
-            bad_kind.extend_from_slice(&tag);
-        }
-        garbage.push(bad_kind);
-        let good = {
-            let (_ta, mut a, _) = open_mesh(None).await;
-            // Capture a real serialized Syn through a plain socket to corrupt it.
-            let capture = bind_local();
-            let capture_addr = capture.local_addr().unwrap();
-            a.send(capture_addr, syn("c", ProtocolVersion::V0))
-                .await
-                .unwrap();
-            let mut buf = vec![0u8; RECV_BUF_LEN];
-            capture.set_read_timeout(Some(WAIT)).unwrap();
-            let (len, _) = capture.recv_from(&mut buf).unwrap();
-            buf[HEADER_LEN..len].to_vec()
-        };
-        // A chitchat header followed by a truncated body: chitchat itself rejects it.
-        garbage.push(encode_frame(
-            FrameKind::Whole,
-            3,
-            &good[..5],
-            secret_b.as_ref(),
-        ));
-        // Wrong chitchat message type.
-        let mut wrong_type = good.clone();
-        wrong_type[3] = 200;
-        garbage.push(encode_frame(
-            FrameKind::Whole,
-            4,
-            &wrong_type,
-            secret_b.as_ref(),
-        ));
-        for datagram in &garbage {
-            raw.send_to(datagram, addr_b).await.unwrap();
-        }
-        raw.send_to(
-            &encode_frame(FrameKind::Whole, 5, &good, secret_b.as_ref()),
-            addr_b,
-        )
-        .await
-        .unwrap();
-        let received = recv_within(&mut b).await;
-        assert_eq!(received.envelope, syn("c", ProtocolVersion::V0));
-        assert_eq!(received.from_addr, raw.local_addr().unwrap());
-        let counts = tb.stats().snapshot();
-        assert_eq!(
-            counts.rejected_malformed,
-            garbage.len() as u64,
-            "{counts:?}"
-        );
-        assert_eq!(counts.rejected_auth, 0);
-        assert_eq!(counts.datagrams_received, garbage.len() as u64 + 1);
-        // Nothing else is queued: the failed decode rounds left nothing behind.
-        assert_nothing_received(&mut b).await;
-    }
-
-    #[tokio::test]
-    async fn garbage_is_rejected_and_good_messages_still_arrive() {
-        garbage_then_good(None).await;
-    }
-
-    #[tokio::test]
-    async fn garbage_is_rejected_and_good_messages_still_arrive_with_secret() {
-        garbage_then_good(secret("s3cret")).await;
     }
 
     /// A full-size chitchat message (65,507 bytes) goes out split and arrives whole.
@@ -1572,134 +1592,6 @@ mod tests {
     }
 
     #[test]
-    fn small_payload_is_one_frame() {
-        for secret in [None, secret("k")] {
-            let frames = encode_frames(b"hello", 7, secret.as_ref()).unwrap();
-            assert_eq!(frames.len(), 1);
-            let tag_len = if secret.is_some() { TAG_LEN } else { 0 };
-            assert_eq!(frames[0].len(), HEADER_LEN + 5 + tag_len);
-            let frame = open_frame(&frames[0], secret.as_ref()).unwrap();
-            assert_eq!(
-                frame,
-                Frame {
-                    kind: FrameKind::Whole,
-                    id: 7,
-                    payload: b"hello"
-                }
-            );
-        }
-    }
-
-    #[test]
-    fn largest_unsplit_payload() {
-        for secret in [None, secret("k")] {
-            let chunk = max_chunk(secret.is_some());
-            let frames = encode_frames(&vec![1u8; chunk], 1, secret.as_ref()).unwrap();
-            assert_eq!(frames.len(), 1);
-            assert_eq!(frames[0].len(), MAX_DATAGRAM_LEN);
-            let frames = encode_frames(&vec![1u8; chunk + 1], 1, secret.as_ref()).unwrap();
-            assert_eq!(frames.len(), 2);
-            let err = encode_frames(&vec![1u8; 2 * chunk + 1], 1, secret.as_ref()).unwrap_err();
-            assert!(matches!(err, TransportError::MessageTooLarge { .. }));
-        }
-    }
-
-    #[test]
-    fn split_and_reassemble_full_size_payload() {
-        let from: SocketAddr = "127.0.0.1:4000".parse().unwrap();
-        for secret in [None, secret("k")] {
-            let payload: Vec<u8> = (0..MAX_DATAGRAM_LEN as u32)
-                .map(|i| (i % 251) as u8)
-                .collect();
-            let frames = encode_frames(&payload, 0xDEAD_BEEF, secret.as_ref()).unwrap();
-            assert_eq!(frames.len(), 2);
-            assert!(frames.iter().all(|f| f.len() <= MAX_DATAGRAM_LEN));
-            let first = open_frame(&frames[0], secret.as_ref()).unwrap();
-            let second = open_frame(&frames[1], secret.as_ref()).unwrap();
-            assert_eq!((first.kind, first.id), (FrameKind::FirstHalf, 0xDEAD_BEEF));
-            assert_eq!(
-                (second.kind, second.id),
-                (FrameKind::SecondHalf, 0xDEAD_BEEF)
-            );
-
-            let now = Instant::now();
-            // In order.
-            let mut r = Reassembler::new(MAX_PENDING_HALVES, HALF_TTL);
-            assert_eq!(
-                r.accept(from, first.id, first.kind, first.payload, now),
-                None
-            );
-            assert_eq!(
-                r.accept(from, second.id, second.kind, second.payload, now),
-                Some(payload.clone())
-            );
-            assert_eq!(r.len(), 0);
-            // Out of order.
-            assert_eq!(
-                r.accept(from, second.id, second.kind, second.payload, now),
-                None
-            );
-            assert_eq!(
-                r.accept(from, first.id, first.kind, first.payload, now),
-                Some(payload.clone())
-            );
-            // Halves from another sender, or with another id, do not pair.
-            let other: SocketAddr = "127.0.0.1:4001".parse().unwrap();
-            assert_eq!(
-                r.accept(from, 1, FrameKind::FirstHalf, first.payload, now),
-                None
-            );
-            assert_eq!(
-                r.accept(other, 1, FrameKind::SecondHalf, second.payload, now),
-                None
-            );
-            assert_eq!(
-                r.accept(from, 2, FrameKind::SecondHalf, second.payload, now),
-                None
-            );
-            assert_eq!(r.len(), 3);
-        }
-    }
-
-    #[test]
-    fn tampered_frames_are_rejected() {
-        let k = secret("k");
-        let frame = encode_frames(b"payload", 1, k.as_ref()).unwrap().remove(0);
-        for i in 0..frame.len() {
-            let mut bad = frame.clone();
-            bad[i] ^= 0x01;
-            assert!(open_frame(&bad, k.as_ref()).is_err(), "byte {i} flipped");
-        }
-        // Truncated tag.
-        assert!(matches!(
-            open_frame(&frame[..frame.len() - 1], k.as_ref()),
-            Err(FrameError::Auth(_))
-        ));
-        assert!(matches!(
-            open_frame(&frame, secret("other").as_ref()),
-            Err(FrameError::Auth(_))
-        ));
-        assert!(matches!(open_frame(&frame, None), Err(FrameError::Auth(_))));
-        let plain = encode_frames(b"payload", 1, None).unwrap().remove(0);
-        assert!(matches!(
-            open_frame(&plain, k.as_ref()),
-            Err(FrameError::Auth(_))
-        ));
-        assert!(matches!(
-            open_frame(b"", None),
-            Err(FrameError::Malformed(_))
-        ));
-        assert!(matches!(
-            open_frame(&[MAGIC_PLAIN, 0], None),
-            Err(FrameError::Malformed(_))
-        ));
-        assert!(matches!(
-            open_frame(&[0x42; 40], k.as_ref()),
-            Err(FrameError::Malformed(_))
-        ));
-    }
-
-    #[test]
     fn reassembler_is_bounded_and_expires() {
         let from: SocketAddr = "127.0.0.1:4000".parse().unwrap();
         let start = Instant::now();
@@ -1747,14 +1639,338 @@ mod tests {
         assert_eq!(logged, vec![0, 1_000, 2_000, 3_000]);
     }
 
+    fn signer(s: &str, sender: &str) -> Signer {
+        Signer {
+            secret: MeshSecret::new(s).unwrap(),
+            sender: sender.as_bytes().to_vec(),
+            next_seq: 1_000,
+        }
+    }
+
+    fn keys(current: Option<&str>, previous: Option<&str>) -> Keys {
+        Keys {
+            current: current.map(|s| MeshSecret::new(s).unwrap()),
+            previous: previous.map(|s| MeshSecret::new(s).unwrap()),
+        }
+    }
+
+    const NOW_MS: u64 = 1_700_000_000_000;
+
     #[test]
-    fn sentinel_ids_parse() {
-        assert_eq!(sentinel_nonce(&sentinel_envelope(0xABC)), Some(0xABC));
-        assert_eq!(sentinel_nonce(&sentinel_envelope(u64::MAX)), Some(u64::MAX));
-        assert_eq!(sentinel_nonce(&syn("cluster", ProtocolVersion::V0)), None);
+    fn small_payload_is_one_frame() {
+        let frames = encode_frames(b"hello", 7, None, NOW_MS).unwrap();
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].len(), HEADER_LEN + 5);
+        let frame = open_frame(&frames[0], &keys(None, None)).unwrap();
         assert_eq!(
-            sentinel_nonce(&syn(&format!("{SENTINEL_PREFIX}12"), ProtocolVersion::V0)),
+            frame,
+            Frame {
+                kind: FrameKind::Whole,
+                id: 7,
+                payload: b"hello",
+                auth: None,
+            }
+        );
+
+        let mut s = signer("k", "node-1");
+        let frames = encode_frames(b"hello", 7, Some(&mut s), NOW_MS).unwrap();
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].len(), AUTH_HEADER_FIXED_LEN + 6 + 5 + TAG_LEN);
+        assert_eq!(s.next_seq, 1_001);
+        let frame = open_frame(&frames[0], &keys(Some("k"), None)).unwrap();
+        assert_eq!(
+            frame,
+            Frame {
+                kind: FrameKind::Whole,
+                id: 7,
+                payload: b"hello",
+                auth: Some(FrameAuth {
+                    sender: b"node-1",
+                    timestamp_ms: NOW_MS,
+                    seq: 1_000,
+                    with_previous_secret: false,
+                }),
+            }
+        );
+    }
+
+    #[test]
+    fn largest_unsplit_payload() {
+        let mut s = signer("k", "node-1");
+        for signed in [false, true] {
+            let chunk = max_chunk(signed.then_some(&s));
+            let mut signer = signed.then_some(&mut s);
+            let frames =
+                encode_frames(&vec![1u8; chunk], 1, signer.as_deref_mut(), NOW_MS).unwrap();
+            assert_eq!(frames.len(), 1);
+            assert_eq!(frames[0].len(), MAX_DATAGRAM_LEN);
+            let frames =
+                encode_frames(&vec![1u8; chunk + 1], 1, signer.as_deref_mut(), NOW_MS).unwrap();
+            assert_eq!(frames.len(), 2);
+            let err = encode_frames(&vec![1u8; 2 * chunk + 1], 1, signer, NOW_MS).unwrap_err();
+            assert!(matches!(err, TransportError::MessageTooLarge { .. }));
+        }
+    }
+
+    #[test]
+    fn split_and_reassemble_full_size_payload() {
+        let from: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let payload: Vec<u8> = (0..MAX_DATAGRAM_LEN as u32)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let mut s = signer("k", "node-1");
+        let frames = encode_frames(&payload, 0xDEAD_BEEF, Some(&mut s), NOW_MS).unwrap();
+        assert_eq!(frames.len(), 2);
+        assert!(frames.iter().all(|f| f.len() <= MAX_DATAGRAM_LEN));
+        let k = keys(Some("k"), None);
+        let first = open_frame(&frames[0], &k).unwrap();
+        let second = open_frame(&frames[1], &k).unwrap();
+        assert_eq!((first.kind, first.id), (FrameKind::FirstHalf, 0xDEAD_BEEF));
+        assert_eq!(
+            (second.kind, second.id),
+            (FrameKind::SecondHalf, 0xDEAD_BEEF)
+        );
+        // Each datagram has its own sequence number.
+        assert_eq!(
+            first.auth.as_ref().unwrap().seq + 1,
+            second.auth.unwrap().seq
+        );
+        let now = Instant::now();
+        let mut r = Reassembler::new(MAX_PENDING_HALVES, HALF_TTL);
+        assert_eq!(
+            r.accept(from, first.id, first.kind, first.payload, now),
             None
         );
+        assert_eq!(
+            r.accept(from, second.id, second.kind, second.payload, now),
+            Some(payload.clone())
+        );
+        assert_eq!(r.len(), 0);
+        // Out of order.
+        assert_eq!(
+            r.accept(from, second.id, second.kind, second.payload, now),
+            None
+        );
+        assert_eq!(
+            r.accept(from, first.id, first.kind, first.payload, now),
+            Some(payload.clone())
+        );
+        // Halves from another sender, or with another id, do not pair.
+        let other: SocketAddr = "127.0.0.1:4001".parse().unwrap();
+        assert_eq!(
+            r.accept(from, 1, FrameKind::FirstHalf, first.payload, now),
+            None
+        );
+        assert_eq!(
+            r.accept(other, 1, FrameKind::SecondHalf, second.payload, now),
+            None
+        );
+        assert_eq!(
+            r.accept(from, 2, FrameKind::SecondHalf, second.payload, now),
+            None
+        );
+        assert_eq!(r.len(), 3);
+    }
+
+    #[test]
+    fn tampered_frames_are_rejected() {
+        let k = keys(Some("k"), None);
+        let frame = encode_frames(b"payload", 1, Some(&mut signer("k", "n")), NOW_MS)
+            .unwrap()
+            .remove(0);
+        for i in 0..frame.len() {
+            let mut bad = frame.clone();
+            bad[i] ^= 0x01;
+            assert!(open_frame(&bad, &k).is_err(), "byte {i} flipped");
+        }
+        // Truncated tag.
+        assert!(matches!(
+            open_frame(&frame[..frame.len() - 1], &k),
+            Err(FrameError::Auth(_))
+        ));
+        assert!(matches!(
+            open_frame(&frame, &keys(Some("other"), None)),
+            Err(FrameError::Auth(_))
+        ));
+        assert!(matches!(
+            open_frame(&frame, &keys(None, None)),
+            Err(FrameError::Auth(_))
+        ));
+        let plain = encode_frames(b"payload", 1, None, NOW_MS)
+            .unwrap()
+            .remove(0);
+        assert!(matches!(open_frame(&plain, &k), Err(FrameError::Auth(_))));
+        // The previous authenticated format is refused even with a valid-looking layout.
+        let mut v1 = frame.clone();
+        v1[0] = MAGIC_AUTH_V1;
+        assert!(matches!(open_frame(&v1, &k), Err(FrameError::Auth(_))));
+        assert!(matches!(open_frame(b"", &k), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            open_frame(&[MAGIC_PLAIN, 0], &keys(None, None)),
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(matches!(
+            open_frame(&[0x42; 40], &k),
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(matches!(
+            open_frame(&[MAGIC_AUTH; 60], &k),
+            Err(FrameError::Auth(_))
+        ));
+    }
+
+    /// Signed frames whose sender length points past the end, or is zero, are malformed (never
+    /// an out-of-bounds read).
+    #[test]
+    fn inconsistent_sender_length_is_malformed() {
+        let secret = MeshSecret::new("k").unwrap();
+        for sender_len in [0u8, 200, 255] {
+            let mut frame = vec![MAGIC_AUTH, 0, 0, 0, 0, 1];
+            frame.extend_from_slice(&NOW_MS.to_be_bytes());
+            frame.extend_from_slice(&5u64.to_be_bytes());
+            frame.push(sender_len);
+            frame.extend_from_slice(b"abc");
+            let tag = secret.tag(&frame);
+            frame.extend_from_slice(&tag);
+            assert!(
+                matches!(
+                    open_frame(&frame, &keys(Some("k"), None)),
+                    Err(FrameError::Malformed(_))
+                ),
+                "sender length {sender_len}"
+            );
+        }
+    }
+
+    #[test]
+    fn previous_secret_is_accepted_and_flagged() {
+        let frame = encode_frames(b"p", 1, Some(&mut signer("old", "n")), NOW_MS)
+            .unwrap()
+            .remove(0);
+        let opened = open_frame(&frame, &keys(Some("new"), Some("old"))).unwrap();
+        assert!(opened.auth.unwrap().with_previous_secret);
+        assert!(matches!(
+            open_frame(&frame, &keys(Some("new"), None)),
+            Err(FrameError::Auth(_))
+        ));
+        let current = encode_frames(b"p", 1, Some(&mut signer("new", "n")), NOW_MS)
+            .unwrap()
+            .remove(0);
+        let opened = open_frame(&current, &keys(Some("new"), Some("old"))).unwrap();
+        assert!(!opened.auth.unwrap().with_previous_secret);
+    }
+
+    #[test]
+    fn replay_window_accepts_each_sequence_once() {
+        let mut guard = ReplayGuard::new(16, 60_000);
+        assert!(guard.check(b"a", 100, NOW_MS));
+        assert!(!guard.check(b"a", 100, NOW_MS), "exact replay");
+        // Out of order within the window, once each.
+        assert!(guard.check(b"a", 105, NOW_MS));
+        assert!(guard.check(b"a", 103, NOW_MS));
+        assert!(!guard.check(b"a", 103, NOW_MS));
+        assert!(guard.check(b"a", 101, NOW_MS));
+        // Far ahead, then older than the window.
+        assert!(guard.check(b"a", 1_000, NOW_MS));
+        assert!(!guard.check(b"a", 1_000 - REPLAY_WINDOW, NOW_MS));
+        assert!(guard.check(b"a", 1_000 - REPLAY_WINDOW + 1, NOW_MS));
+        assert!(!guard.check(b"a", 105, NOW_MS));
+        // Another sender has its own window.
+        assert!(guard.check(b"b", 100, NOW_MS));
+        // A sender idle past the forget time starts afresh.
+        assert!(guard.check(b"a", 50, NOW_MS + 60_001));
+        assert!(!guard.check(b"a", 50, NOW_MS + 60_002));
+    }
+
+    #[test]
+    fn replay_guard_is_bounded() {
+        let mut guard = ReplayGuard::new(8, 60_000);
+        for i in 0..100u64 {
+            assert!(guard.check(format!("s{i}").as_bytes(), 1, NOW_MS + i));
+            assert!(guard.len() <= 8);
+        }
+        // The most recent senders are still tracked; the oldest were forgotten.
+        assert!(!guard.check(b"s99", 1, NOW_MS + 100));
+        assert!(guard.check(b"s0", 1, NOW_MS + 100));
+    }
+
+    #[test]
+    fn long_node_ids_are_hashed_and_missing_ones_are_random() {
+        let addr: SocketAddr = "127.0.0.1:7946".parse().unwrap();
+        assert_eq!(sender_id(Some("node-1"), addr), b"node-1".to_vec());
+        let long = "x".repeat(MAX_SENDER_ID_LEN + 1);
+        let hashed = sender_id(Some(&long), addr);
+        assert!(hashed.len() <= MAX_SENDER_ID_LEN && hashed.starts_with(b"sha256:"));
+        assert_ne!(hashed, sender_id(Some(&"y".repeat(300)), addr));
+        assert!(sender_id(None, addr).starts_with(b"anon-"));
+    }
+
+    /// Garbage and a well-framed but undecodable payload are rejected as malformed; a good
+    /// message then still arrives.
+    async fn garbage_then_good(secret_b: Option<&str>) {
+        let (tb, mut b, addr_b) = open_mesh(secret_b.and_then(secret)).await;
+        let raw = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .unwrap();
+        let mut s = secret_b.map(|k| signer(k, "garbage"));
+        let magic = if s.is_some() { MAGIC_AUTH } else { MAGIC_PLAIN };
+        let good = syn("c", ProtocolVersion::V0).serialize_to_vec();
+        let mut wrong_type = good.clone();
+        wrong_type[3] = 200;
+        let now = unix_millis();
+        let mut garbage: Vec<Vec<u8>> = vec![b"junk".to_vec(), Vec::new(), vec![magic, 0, 1]];
+        for payload in [&b"x"[..], &good[..5], &wrong_type[..]] {
+            garbage.push(
+                encode_frames(payload, 1, s.as_mut(), now)
+                    .unwrap()
+                    .remove(0),
+            );
+        }
+        for datagram in &garbage {
+            raw.send_to(datagram, addr_b).await.unwrap();
+        }
+        let frame = encode_frames(&good, 5, s.as_mut(), now).unwrap().remove(0);
+        raw.send_to(&frame, addr_b).await.unwrap();
+        let received = recv_within(&mut b).await;
+        assert_eq!(received.envelope, syn("c", ProtocolVersion::V0));
+        assert_eq!(received.from_addr, raw.local_addr().unwrap());
+        let counts = tb.stats().snapshot();
+        assert_eq!(
+            counts.rejected_malformed,
+            garbage.len() as u64,
+            "{counts:?}"
+        );
+        assert_eq!(counts.rejected_auth, 0);
+        assert_eq!(counts.datagrams_received, garbage.len() as u64 + 1);
+        // Replaying the good frame is refused with a secret, delivered again without one.
+        raw.send_to(&frame, addr_b).await.unwrap();
+        if secret_b.is_some() {
+            assert_nothing_received(&mut b).await;
+            assert_eq!(tb.stats().snapshot().rejected_replay, 1);
+        } else {
+            assert_eq!(
+                recv_within(&mut b).await.envelope,
+                syn("c", ProtocolVersion::V0)
+            );
+        }
+        // A stale one is refused with a secret.
+        if let Some(s) = s.as_mut() {
+            let stale = encode_frames(&good, 6, Some(s), now - 31_000)
+                .unwrap()
+                .remove(0);
+            raw.send_to(&stale, addr_b).await.unwrap();
+            assert_nothing_received(&mut b).await;
+            assert_eq!(tb.stats().snapshot().rejected_stale, 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn garbage_is_rejected_and_good_messages_still_arrive() {
+        garbage_then_good(None).await;
+    }
+
+    #[tokio::test]
+    async fn garbage_is_rejected_and_good_messages_still_arrive_with_secret() {
+        garbage_then_good(Some("s3cret")).await;
     }
 }

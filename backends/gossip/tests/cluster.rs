@@ -33,6 +33,7 @@ fn config(
         gossip_interval: INTERVAL,
         dead_node_grace_period: Duration::from_secs(60),
         secret: secret.map(|s| MeshSecret::new(s).unwrap()),
+        previous_secret: None,
         max_keys_per_round: 3_000,
         admission: Admission {
             extrapolate: true,
