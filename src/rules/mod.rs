@@ -11,10 +11,21 @@
 //!   level per descriptor entry, exact value before `*` wildcard patterns before the bare key;
 //! - dumps the loaded rules as JSON for the admin `/rlconfig` endpoint ([`RuleSet::to_json`]).
 //!
+//! How a file becomes a validated tree, in two passes and one lookup structure:
+//!
+//! 1. [`yaml`] parses the text (saphyr-parser) into a small tree where every node keeps the line
+//!    it starts on, maps keep their entries in file order, and scalars stay as written;
+//! 2. [`validate`] walks that tree once, recursively, checking each section as envoyproxy/ratelimit
+//!    does and building the [`DomainRules`] of the file, or failing with the first problem and
+//!    its line;
+//! 3. [`matcher`] holds the descriptor tree ([`Rule`] per descriptor with a `rate_limit`) and walks
+//!    it for a request descriptor.
+//!
 //! A [`RuleSet`] is immutable once built; hot reload builds a new one and swaps it in.
 
 mod matcher;
-mod parse;
+mod validate;
+mod yaml;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -174,7 +185,7 @@ impl RuleSet {
     pub fn from_sources(sources: &[(String, String)]) -> Result<RuleSet, RulesError> {
         let mut domains: BTreeMap<String, DomainRules> = BTreeMap::new();
         for (name, text) in sources {
-            let (rules, domain_line) = parse::parse_document(name, text)?;
+            let (rules, domain_line) = parse_document(name, text)?;
             if let Some(previous) = domains.get(&rules.name) {
                 return Err(RulesError {
                     file: name.clone(),
@@ -256,6 +267,26 @@ impl DomainRules {
     }
 }
 
+/// Reads one rules document into its domain's rules, with the line of its `domain` key (for a
+/// duplicate-domain error).
+fn parse_document(file: &str, text: &str) -> Result<(DomainRules, Option<usize>), RulesError> {
+    let fail = |line, message| RulesError {
+        file: file.to_owned(),
+        line,
+        message,
+    };
+    // Editors on Windows may start a file with a byte order mark; it takes no line.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let tree = yaml::parse(text).map_err(|err| fail(err.line, err.message))?;
+    let document = validate::document(&tree).map_err(|err| fail(Some(err.line), err.message))?;
+    let rules = DomainRules {
+        name: document.domain,
+        source: file.to_owned(),
+        root: document.root,
+    };
+    Ok((rules, Some(document.domain_line)))
+}
+
 fn hash_sources(sources: &[(String, String)]) -> String {
     let mut sorted: Vec<&(String, String)> = sources.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
@@ -300,18 +331,20 @@ fn node_json(node: &Node) -> serde_json::Value {
             "unlimited": false,
         }),
     });
+    let rule = node.rule.as_ref();
+    let flag = |get: fn(&Rule) -> bool| rule.is_some_and(get);
     json!({
         "key": node.key,
         "value": node.value,
         "line": node.line,
         "rate_limit": rate_limit,
-        "shadow_mode": node.shadow_mode,
-        "quota_mode": node.quota_mode,
+        "shadow_mode": flag(|rule| rule.shadow_mode),
+        "quota_mode": flag(|rule| rule.quota_mode),
         "share_threshold": node.share_threshold,
-        "detailed_metric": node.detailed_metric,
-        "value_to_metric": node.value_to_metric,
-        "metadata": node.metadata,
-        "stat_name": node.rule.as_ref().map(|rule| rule.stat_name.as_str()),
+        "detailed_metric": flag(|rule| rule.detailed_metric),
+        "value_to_metric": flag(|rule| rule.value_to_metric),
+        "metadata": rule.and_then(|rule| rule.metadata.as_ref()),
+        "stat_name": rule.map(|rule| rule.stat_name.as_str()),
         "descriptors": level_json(&node.children),
     })
 }
