@@ -67,6 +67,7 @@ const UNITS: &str = "second, minute, hour, day, week, month or year";
 /// Validates a whole document.
 pub(crate) fn document(root: &Yaml) -> Result<Document> {
     let mut path = Path::default();
+    untagged(root, &path, "a map with 'domain' and 'descriptors'")?;
     let entries = match &root.node {
         Shape::Map(entries) => entries,
         _ if root.is_null() => {
@@ -149,6 +150,7 @@ fn section_key(
     section: &str,
     seen: &mut u32,
 ) -> Result<&'static str> {
+    untagged(key, &Path::default(), "a key")?;
     let Some(Scalar::Text(text)) = key.scalar() else {
         return invalid(key, format!("key is not a string: {}", key.found()));
     };
@@ -181,10 +183,20 @@ fn string(value: &Yaml, path: &Path) -> Result<Option<String>> {
 
 /// serde's wording for a node of the wrong type, with the path serde_yaml put before it.
 fn type_error<T>(value: &Yaml, path: &Path, found: &str, expected: &str) -> Result<T> {
-    invalid(
-        value,
-        format!("{}: invalid type: {found}, expected {expected}", path.at()),
-    )
+    let message = format!("invalid type: {found}, expected {expected}");
+    match path.at() {
+        at if at.is_empty() => invalid(value, message),
+        at => invalid(value, format!("{at}: {message}")),
+    }
+}
+
+/// Refuses a node with a tag outside the core schema (`!foo`) where the schema wants a plain
+/// value, as serde_yaml did (it reads such a node as an enum).
+fn untagged(value: &Yaml, path: &Path, expected: &str) -> Result<()> {
+    match value.tag {
+        Some(_) => type_error(value, path, "enum", expected),
+        None => Ok(()),
+    }
 }
 
 /// serde_yaml's refusal of an integer beyond 64 bits.
@@ -200,6 +212,7 @@ fn huge<T>(value: &Yaml, path: &Path, text: &str, expected: &str) -> Result<T> {
 
 /// A boolean flag: YAML 1.1 spellings as yaml.v2 reads them; null is false.
 fn flag(value: &Yaml, field: &str, path: &Path) -> Result<bool> {
+    untagged(value, path, "true or false")?;
     let on = match value.scalar() {
         Some(Scalar::Null) => Some(false),
         Some(Scalar::Bool(on)) => Some(on),
@@ -227,6 +240,7 @@ fn flag(value: &Yaml, field: &str, path: &Path) -> Result<bool> {
 /// `1e3`, too, as yaml.v2 takes it); null is 0.
 fn count(value: &Yaml, path: &Path) -> Result<u32> {
     const EXPECTED: &str = "a whole number from 0 to 4294967295";
+    untagged(value, path, EXPECTED)?;
     let n = match value.scalar() {
         Some(Scalar::Null) => Some(0),
         Some(Scalar::Unsigned(n)) => u32::try_from(n).ok(),
@@ -251,6 +265,7 @@ fn count(value: &Yaml, path: &Path) -> Result<u32> {
 
 /// `metadata`: any map, kept as JSON; null is none.
 fn metadata(value: &Yaml, path: &mut Path) -> Result<Option<serde_json::Value>> {
+    untagged(value, path, "a map")?;
     match &value.node {
         Shape::Map(_) => json(value, path).map(Some),
         _ if value.is_null() => Ok(None),
@@ -314,6 +329,7 @@ fn json(value: &Yaml, path: &mut Path) -> Result<serde_json::Value> {
 
 /// A `descriptors` list: one level of the tree; null is empty.
 fn list(value: &Yaml, path: &mut Path) -> Result<Level> {
+    untagged(value, path, "a list of descriptors")?;
     let items = match &value.node {
         Shape::List(items) => items,
         _ if value.is_null() => return Ok(Level::default()),
@@ -392,12 +408,14 @@ trait Section: Default {
 /// The value of a `<<` key: a map, or a list of maps (earlier ones win).
 fn merge_sources<S: Section>(value: &Yaml, path: &mut Path) -> Result<Vec<S>> {
     const WRONG: &str = "'<<' must merge a map or a list of maps, found";
+    untagged(value, path, "a map or a list of maps")?;
     match &value.node {
         Shape::Map(map) => Ok(vec![S::read(map, path)?]),
         Shape::List(items) => items
             .iter()
             .enumerate()
             .map(|(i, item)| match &item.node {
+                _ if item.tag.is_some() => untagged(item, path, "a map").map(|()| S::default()),
                 Shape::Map(map) => {
                     path.index(i);
                     let source = S::read(map, path);
@@ -496,6 +514,7 @@ impl Section for LimitFields {
 
 /// One element of a `descriptors` list, validated as a whole (its siblings are the caller's).
 fn descriptor(item: &Yaml, path: &mut Path) -> Result<Node> {
+    untagged(item, path, "a descriptor map")?;
     let Shape::Map(map) = &item.node else {
         return invalid(item, format!("list element is not a map: {}", item.found()));
     };
@@ -544,6 +563,7 @@ struct Limit {
 
 /// A descriptor's `rate_limit` map, merged and validated where it is written; null is none.
 fn rate_limit(value: &Yaml, path: &mut Path) -> Result<Option<Limit>> {
+    untagged(value, path, "a rate_limit map")?;
     let map = match &value.node {
         Shape::Map(map) => map,
         _ if value.is_null() => return Ok(None),
@@ -584,6 +604,7 @@ fn rate_limit(value: &Yaml, path: &mut Path) -> Result<Option<Limit>> {
 
 /// `replaces`: a list of `{name: ...}` maps, each with a non-empty name; null is empty.
 fn replaces(value: &Yaml, path: &mut Path) -> Result<Vec<String>> {
+    untagged(value, path, "a list of {name: ...} maps")?;
     let items = match &value.node {
         Shape::List(items) => items,
         _ if value.is_null() => return Ok(Vec::new()),
@@ -595,10 +616,11 @@ fn replaces(value: &Yaml, path: &mut Path) -> Result<Vec<String>> {
     };
     let mut names = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
+        path.index(i);
+        untagged(item, path, "a {name: ...} map")?;
         let Shape::Map(map) = &item.node else {
             return invalid(item, format!("list element is not a map: {}", item.found()));
         };
-        path.index(i);
         let mut name = None;
         let mut seen = 0;
         for (key, value) in map {
@@ -631,5 +653,401 @@ fn name_rules(nodes: &mut [Node], parent: &str) {
             rule.stat_name.clone_from(&stat);
         }
         name_rules(&mut node.children.nodes, &stat);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::{parse_document, DomainRules, RuleSet, RulesError};
+    use proptest::prelude::*;
+    use std::path::Path;
+
+    fn parse(text: &str) -> DomainRules {
+        parse_document("t.yaml", text)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .0
+    }
+
+    fn parse_err(text: &str) -> RulesError {
+        parse_document("t.yaml", text).map(|_| ()).unwrap_err()
+    }
+
+    fn rule_lines(rules: &DomainRules) -> Vec<(String, usize)> {
+        rules
+            .root
+            .walk()
+            .map(|node| (node.composite(), node.line))
+            .collect()
+    }
+
+    #[test]
+    fn descriptor_lines_in_block_style() {
+        let rules = parse(
+            "# comment\n\
+             domain: d\n\
+             descriptors:\n\
+             \x20 - key: a          # line 4\n\
+             \x20   rate_limit: { unit: second, requests_per_unit: 1 }\n\
+             \n\
+             \x20 -\n\
+             \x20   key: b          # line 8 (the map starts after the dash)\n\
+             \x20   descriptors:\n\
+             \x20   - key: c        # line 10\n\
+             \x20     rate_limit:\n\
+             \x20       unit: minute\n\
+             \x20   - value: v      # line 13: the map's first key, not `key`\n\
+             \x20     key: c\n",
+        );
+        assert_eq!(
+            rule_lines(&rules),
+            [
+                ("a".into(), 4),
+                ("b".into(), 8),
+                ("c".into(), 10),
+                ("c_v".into(), 13)
+            ]
+        );
+        assert_eq!(rules.find(&[("a", "x")]).unwrap().rule.line, 4);
+    }
+
+    #[test]
+    fn descriptor_lines_in_flow_style() {
+        let text = "domain: d\n\
+                    descriptors: [ {key: a, rate_limit: {unit: second}},\n\
+                    \x20 {key: b,\n\
+                    \x20  descriptors: [\n\
+                    \x20    {key: c, rate_limit: {unit: second}}, {key: d}]},\n\
+                    \x20 {\n\
+                    \x20   key: e}]\n";
+        let rules = parse(text);
+        assert_eq!(
+            rule_lines(&rules),
+            [
+                ("a".into(), 2),
+                ("b".into(), 3),
+                ("c".into(), 5),
+                ("d".into(), 5),
+                ("e".into(), 6)
+            ]
+        );
+    }
+
+    #[test]
+    fn crlf_line_endings() {
+        let text = "domain: d\r\ndescriptors:\r\n  - key: a\r\n    value: \"q\"\r\n    rate_limit: {unit: second}\r\n  - key: b\r\n    value: plain\r\n";
+        let rules = parse(text);
+        assert_eq!(
+            rule_lines(&rules),
+            [("a_q".into(), 3), ("b_plain".into(), 6)]
+        );
+        assert!(rules.find(&[("a", "q")]).is_some());
+        let err = parse_err("domain: d\r\ndescriptors:\r\n  - key: a\r\n    nope: 1\r\n");
+        assert_eq!(err.line, Some(4));
+    }
+
+    #[test]
+    fn basic_fixture_lines() {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("test/fixtures/rules/valid/basic.yaml"),
+        )
+        .unwrap();
+        let (rules, domain_line) = parse_document("basic.yaml", &text).unwrap();
+        assert_eq!(domain_line, Some(2));
+        let lines: Vec<usize> = rules.root.walk().map(|node| node.line).collect();
+        assert_eq!(lines, [5, 9, 15, 22, 28, 35, 38, 43, 48, 51]);
+    }
+
+    #[test]
+    fn scalars_are_read_as_written() {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("test/fixtures/rules/valid/scalars.yaml"),
+        )
+        .unwrap();
+        let rules = parse(&text);
+        let count = |entries: &[(&str, &str)]| match rules.find(entries).map(|m| &m.rule.limit) {
+            Some(RateLimit::Limited {
+                requests_per_unit, ..
+            }) => Some(*requests_per_unit),
+            _ => None,
+        };
+        assert_eq!(count(&[("version", "1.10")]), Some(1));
+        assert_eq!(count(&[("version", "1.1")]), None);
+        assert_eq!(count(&[("version", "010")]), Some(2));
+        assert_eq!(count(&[("443", "true")]), Some(3));
+        assert_eq!(count(&[("key", "it's")]), None);
+        assert_eq!(count(&[("it's", "tab\there")]), Some(1000));
+        assert_eq!(count(&[("long", "a plain value that continues")]), Some(4));
+        assert_eq!(
+            count(&[("quoted", "a quoted value over two lines")]),
+            Some(5)
+        );
+        assert_eq!(
+            count(&[("empty_value", "anything")]),
+            Some(6),
+            "'' is no value"
+        );
+        let flags = rules.find(&[("flags", "x")]).unwrap().rule;
+        assert!(flags.shadow_mode && !flags.quota_mode && flags.detailed_metric);
+        assert!(!flags.value_to_metric);
+        assert_eq!(
+            count(&[("flags", "x")]),
+            Some(0),
+            "null requests_per_unit is 0"
+        );
+        assert_eq!(
+            rule_lines(&rules)
+                .into_iter()
+                .map(|(_, line)| line)
+                .collect::<Vec<_>>(),
+            [4, 7, 10, 13, 16, 24, 28, 32]
+        );
+    }
+
+    #[test]
+    fn anchors_aliases_and_merge_keys() {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("test/fixtures/rules/valid/anchors.yaml"),
+        )
+        .unwrap();
+        let rules = parse(&text);
+        let limit = |entries: &[(&str, &str)]| rules.find(entries).unwrap().rule.clone();
+        let minute = |n| RateLimit::Limited {
+            requests_per_unit: n,
+            unit: Unit::Minute,
+            name: None,
+            replaces: vec![],
+        };
+        assert_eq!(limit(&[("a", "x")]).limit, minute(10));
+        assert_eq!(limit(&[("b", "x")]).limit, minute(10));
+        assert_eq!(limit(&[("c", "x")]).limit, minute(20));
+        let user = limit(&[("user", "bob")]);
+        assert!(user.shadow_mode);
+        let vip = limit(&[("user", "vip")]);
+        assert!(!vip.shadow_mode, "explicit keys beat merged ones");
+        assert_eq!(vip.limit, user.limit);
+        assert_eq!(vip.line, 18);
+    }
+
+    #[test]
+    fn merge_sources_are_validated_once_merged() {
+        let err = parse_err(
+            "domain: d\n\
+             descriptors:\n\
+             \x20 - key: a\n\
+             \x20   rate_limit: &partial { requests_per_unit: 1 }\n",
+        );
+        assert!(err.message.contains("rate_limit has no unit"), "{err}");
+        let rules = parse(
+            "domain: d\n\
+             x: &unit { unit: hour }\n"
+                .replace("x: &unit { unit: hour }\n", "descriptors:\n  - key: a\n    rate_limit: { <<: [ {unit: hour}, {unit: day, requests_per_unit: 3} ] }\n")
+                .as_str(),
+        );
+        assert_eq!(
+            rules.find(&[("a", "x")]).unwrap().rule.limit,
+            RateLimit::Limited {
+                requests_per_unit: 3,
+                unit: Unit::Hour,
+                name: None,
+                replaces: vec![]
+            }
+        );
+        let err = parse_err("domain: d\ndescriptors:\n  - key: a\n    <<: 5\n");
+        assert!(err.message.contains("'<<' must merge a map"), "{err}");
+        assert_eq!(err.line, Some(4));
+    }
+
+    #[test]
+    fn syntax_errors_report_serde_yaml_s_line() {
+        let err = parse_err("domain: d\ndescriptors:\n  - key: a\n  rate_limit: [\n");
+        let serde_line = serde_yaml::from_str::<serde_yaml::Value>(
+            "domain: d\ndescriptors:\n  - key: a\n  rate_limit: [\n",
+        )
+        .unwrap_err()
+        .location()
+        .unwrap()
+        .line();
+        assert_eq!(err.line, Some(serde_line));
+        let err = parse_err("domain: d\n---\ndomain: e\n");
+        assert!(err.message.contains("more than one document"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_name_the_section_and_the_expected_keys() {
+        let err = parse_err("domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, shadow_mode: true }\n");
+        assert_eq!(err.line, Some(4));
+        assert_eq!(
+            err.message,
+            "unknown key 'shadow_mode' in rate_limit (expected unit, requests_per_unit, name, replaces, unlimited)"
+        );
+    }
+
+    #[test]
+    fn unlimited_may_have_a_name_and_replaces() {
+        let rules = parse("domain: d\ndescriptors:\n  - key: vip\n    rate_limit: { unlimited: true, name: vip, replaces: [ {name: per_user} ] }\n");
+        let rule = rules.find(&[("vip", "x")]).unwrap().rule;
+        assert_eq!(rule.limit, RateLimit::Unlimited);
+        assert_eq!(rule.name(), Some("vip"));
+        assert_eq!(rule.replaces(), ["per_user"]);
+        // `unlimited: false` is an ordinary limit.
+        let rules = parse("domain: d\ndescriptors:\n  - key: k\n    rate_limit: { unlimited: false, unit: second, requests_per_unit: 2 }\n");
+        assert!(matches!(
+            rules.find(&[("k", "x")]).unwrap().rule.limit,
+            RateLimit::Limited {
+                requests_per_unit: 2,
+                ..
+            }
+        ));
+    }
+
+    /// A random descriptor tree, written out in block or flow style with comments and blank
+    /// lines, remembering the line each descriptor starts on.
+    #[derive(Debug, Clone)]
+    struct Gen {
+        key: String,
+        value: Option<String>,
+        limit: Option<u32>,
+        flow: bool,
+        padding: usize,
+        children: Vec<Gen>,
+    }
+
+    fn gen_tree() -> impl Strategy<Value = Vec<Gen>> {
+        let word = prop_oneof![
+            "[a-z_]{1,8}",
+            Just("it's".to_owned()),
+            Just("with space".to_owned()),
+            Just("a: b".to_owned()),
+            Just("#hash".to_owned()),
+            Just("1.10".to_owned()),
+            Just("*".to_owned()),
+            Just("ü/é*".to_owned()),
+        ];
+        let leaf = (
+            word.clone(),
+            proptest::option::of(word),
+            proptest::option::of(0u32..1000),
+            any::<bool>(),
+            0usize..3,
+        )
+            .prop_map(|(key, value, limit, flow, padding)| Gen {
+                key,
+                value,
+                limit,
+                flow,
+                padding,
+                children: vec![],
+            });
+        let tree = leaf.prop_recursive(3, 24, 4, |inner| {
+            (inner.clone(), proptest::collection::vec(inner, 0..4)).prop_map(|(mut node, kids)| {
+                node.children = kids;
+                node
+            })
+        });
+        proptest::collection::vec(tree, 0..5)
+    }
+
+    fn quote(s: &str) -> String {
+        format!("'{}'", s.replace('\'', "''"))
+    }
+
+    /// Unique keys per level (duplicates are an error, tested elsewhere).
+    fn dedupe(list: &mut Vec<Gen>) {
+        let mut seen = HashSet::new();
+        list.retain(|g| seen.insert(composite(&g.key, g.value.as_deref())));
+        for g in list {
+            dedupe(&mut g.children);
+        }
+    }
+
+    fn emit(list: &[Gen], indent: usize, out: &mut Vec<String>, expected: &mut Vec<usize>) {
+        let pad = " ".repeat(indent);
+        for g in list {
+            for i in 0..g.padding {
+                out.push(if i % 2 == 0 {
+                    String::new()
+                } else {
+                    format!("{pad}# comment")
+                });
+            }
+            expected.push(out.len() + 1);
+            let limit = g
+                .limit
+                .map(|n| format!("{{unit: second, requests_per_unit: {n}}}"));
+            if g.flow {
+                // One flow map on one line per descriptor, children as a flow list.
+                fn flow(g: &Gen) -> String {
+                    let mut parts = vec![format!("key: {}", quote(&g.key))];
+                    if let Some(v) = &g.value {
+                        parts.push(format!("value: {}", quote(v)));
+                    }
+                    if let Some(n) = g.limit {
+                        parts.push(format!(
+                            "rate_limit: {{unit: second, requests_per_unit: {n}}}"
+                        ));
+                    }
+                    if !g.children.is_empty() {
+                        let kids: Vec<String> = g.children.iter().map(flow).collect();
+                        parts.push(format!("descriptors: [{}]", kids.join(", ")));
+                    }
+                    format!("{{{}}}", parts.join(", "))
+                }
+                out.push(format!("{pad}- {}", flow(g)));
+                // Children share the line.
+                fn same_line(g: &Gen, line: usize, expected: &mut Vec<usize>) {
+                    for kid in &g.children {
+                        expected.push(line);
+                        same_line(kid, line, expected);
+                    }
+                }
+                same_line(g, out.len(), expected);
+                continue;
+            }
+            out.push(format!("{pad}- key: {}  # trailing", quote(&g.key)));
+            if let Some(v) = &g.value {
+                out.push(format!("{pad}  value: {}", quote(v)));
+            }
+            if let Some(limit) = limit {
+                out.push(format!("{pad}  rate_limit: {limit}"));
+            }
+            if !g.children.is_empty() {
+                out.push(format!("{pad}  descriptors:"));
+                emit(&g.children, indent + 4, out, expected);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        #[test]
+        fn generated_documents_get_the_right_lines(mut tree in gen_tree()) {
+            dedupe(&mut tree);
+            let mut out = vec!["# generated".to_owned(), "domain: gen".to_owned(), "descriptors:".to_owned()];
+            let mut expected = Vec::new();
+            emit(&tree, 2, &mut out, &mut expected);
+            let text = out.join("\n") + "\n";
+            let rules = parse(&text);
+            let got: Vec<usize> = rules.root.walk().map(|n| n.line).collect();
+            prop_assert_eq!(&got, &expected, "{}", text);
+        }
+    }
+
+    #[test]
+    fn ruleset_from_sources_uses_these_lines() {
+        let set = RuleSet::from_sources(&[(
+            "x.yaml".to_owned(),
+            "domain: x\ndescriptors:\n\n  - key: k\n    rate_limit: {unit: second}\n".to_owned(),
+        )])
+        .unwrap();
+        assert_eq!(
+            set.domain("x")
+                .unwrap()
+                .find(&[("k", "v")])
+                .unwrap()
+                .rule
+                .line,
+            4
+        );
     }
 }

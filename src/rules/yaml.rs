@@ -64,19 +64,65 @@ const MAX_DEPTH: usize = 128;
 
 /// Parses one document. A text with no document at all reads as a null at its last line.
 pub(crate) fn parse(text: &str) -> Result<Yaml<'_>, SyntaxError> {
+    match read(text) {
+        Err(Fault::TabAfterColon(_)) => parse_untabbed(text),
+        result => result.map_err(|fault| syntax_error(text, fault)),
+    }
+}
+
+/// saphyr-parser refuses a tab right after a `:` indicator, which YAML (and libyaml) allow as
+/// separating white space: turn each such tab into a space, keeping every position, and read
+/// again.
+fn parse_untabbed(text: &str) -> Result<Yaml<'static>, SyntaxError> {
+    let mut patched = text.to_owned();
+    for _ in 0..10_000 {
+        match read(&patched) {
+            Err(Fault::TabAfterColon(at)) => {
+                // The error points at the tab or just past it.
+                let tab = patched
+                    .char_indices()
+                    .skip(at.saturating_sub(1))
+                    .take(2)
+                    .find(|&(_, c)| c == '\t');
+                match tab {
+                    Some((byte, _)) => patched.replace_range(byte..=byte, " "),
+                    None => break,
+                }
+            }
+            result => {
+                return result
+                    .map(Yaml::into_owned)
+                    .map_err(|f| syntax_error(text, f))
+            }
+        }
+    }
+    Err(syntax_error(text, Fault::Syntax))
+}
+
+fn read(text: &str) -> Result<Yaml<'_>, Fault> {
     let mut reader = Reader {
         parser: Parser::new_from_str(text),
         anchors: HashMap::new(),
         alias_budget: ALIAS_BUDGET,
+        text,
+        line_starts: Vec::new(),
     };
-    reader.document().map_err(|fault| match fault {
+    reader.document()
+}
+
+fn syntax_error(text: &str, fault: Fault) -> SyntaxError {
+    match fault {
         // libyaml's wording (serde_yaml's, before this reader) for the same mistake.
         Fault::Syntax => libyaml_error(text).unwrap_or(SyntaxError {
             line: None,
             message: "invalid YAML".to_owned(),
         }),
+        Fault::TabAfterColon(_) => SyntaxError {
+            line: None,
+            message: "invalid YAML".to_owned(),
+        },
         Fault::Reader { line, message } => SyntaxError { line, message },
-    })
+    }
 }
 
 /// serde_yaml's message and line for a text that does not parse, if it agrees that it does not.
@@ -96,6 +142,8 @@ fn libyaml_error(text: &str) -> Option<SyntaxError> {
 enum Fault {
     /// The scanner or parser refused the text.
     Syntax,
+    /// A tab right after `:`, at this character index.
+    TabAfterColon(usize),
     /// Parsed, but not a document this reader takes (a second document, an unknown alias, ...).
     Reader {
         line: Option<usize>,
@@ -115,12 +163,18 @@ struct Reader<'t> {
     /// Anchor id → the anchored node and its node count.
     anchors: HashMap<usize, (Yaml<'t>, usize)>,
     alias_budget: usize,
+    text: &'t str,
+    /// Byte offset of each line, worked out at the first block scalar.
+    line_starts: Vec<usize>,
 }
 
 impl<'t> Reader<'t> {
     fn next(&mut self) -> Result<(Event<'t>, Span), Fault> {
         match self.parser.next_event() {
             Some(Ok(event)) => Ok(event),
+            Some(Err(err)) if err.info().starts_with("':' must be followed by") => {
+                Err(Fault::TabAfterColon(err.marker().index()))
+            }
             Some(Err(_)) => Err(Fault::Syntax),
             None => Ok((Event::StreamEnd, Span::default())),
         }
@@ -160,7 +214,7 @@ impl<'t> Reader<'t> {
     }
 
     fn node(&mut self, event: Event<'t>, span: Span, depth: usize) -> Result<Yaml<'t>, Fault> {
-        let line = span.start.line();
+        let mut line = span.start.line();
         if depth > MAX_DEPTH {
             return Err(fault(line, "recursion limit exceeded"));
         }
@@ -177,9 +231,12 @@ impl<'t> Reader<'t> {
             }
             Event::Scalar(text, style, anchor, tag) => {
                 let plain = match tag.as_deref() {
-                    None => style == ScalarStyle::Plain,
-                    Some(tag) => tag.is_yaml_core_schema() && tag.suffix != "str",
+                    Some(tag) if tag.is_yaml_core_schema() => tag.suffix != "str",
+                    _ => style == ScalarStyle::Plain,
                 };
+                if matches!(style, ScalarStyle::Literal | ScalarStyle::Folded) {
+                    line = self.header_line(span);
+                }
                 (anchor, tag, Node::Scalar { text, plain })
             }
             Event::SequenceStart(anchor, tag) => {
@@ -217,7 +274,66 @@ impl<'t> Reader<'t> {
     }
 }
 
+impl Reader<'_> {
+    /// The line of a block scalar's `|` or `>` header: the span starts at its content, and
+    /// serde_yaml placed the scalar at the header.
+    fn header_line(&mut self, span: Span) -> usize {
+        if self.line_starts.is_empty() {
+            self.line_starts = std::iter::once(0)
+                .chain(self.text.match_indices('\n').map(|(at, _)| at + 1))
+                .collect();
+        }
+        let line_text = |line: usize| {
+            let start = self
+                .line_starts
+                .get(line - 1)
+                .copied()
+                .unwrap_or(self.text.len());
+            let end = self
+                .line_starts
+                .get(line)
+                .copied()
+                .unwrap_or(self.text.len());
+            self.text.get(start..end).unwrap_or("")
+        };
+        let mut line = span.start.line();
+        let before: String = line_text(line).chars().take(span.start.col()).collect();
+        if !before.trim().is_empty() {
+            return line;
+        }
+        while line > 1 {
+            line -= 1;
+            if !line_text(line).trim().is_empty() {
+                break;
+            }
+        }
+        line
+    }
+}
+
 impl<'t> Yaml<'t> {
+    /// The same tree, owning its text.
+    fn into_owned(self) -> Yaml<'static> {
+        let node = match self.node {
+            Node::Scalar { text, plain } => Node::Scalar {
+                text: Cow::Owned(text.into_owned()),
+                plain,
+            },
+            Node::List(items) => Node::List(items.into_iter().map(Yaml::into_owned).collect()),
+            Node::Map(entries) => Node::Map(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                    .collect(),
+            ),
+        };
+        Yaml {
+            line: self.line,
+            node,
+            tag: self.tag,
+        }
+    }
+
     /// How many nodes this one is, itself included.
     fn count(&self) -> usize {
         1 + match &self.node {
