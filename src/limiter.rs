@@ -306,10 +306,9 @@ fn drop_replaced(plans: &mut [Plan<'_>], matched: &[Option<&Rule>], hits: Vec<Hi
     let replaced: HashSet<&str> = matched
         .iter()
         .flatten()
-        .flat_map(|rule| match &rule.limit {
-            RateLimit::Limited { replaces, .. } => replaces.as_slice(),
-            RateLimit::Unlimited => &[],
-        })
+        // An unlimited rule's `replaces` apply too, as in envoyproxy/ratelimit
+        // (`constructLimitsToCheck` collects replaces before it drops unlimited limits).
+        .flat_map(|rule| rule.replaces())
         .map(String::as_str)
         .collect();
     if replaced.is_empty() {

@@ -37,6 +37,9 @@ descriptors:
       requests_per_unit: 4
   - key: internal
     rate_limit: { unlimited: true }
+  - key: plan
+    value: staff
+    rate_limit: { unlimited: true, replaces: [ { name: per_user } ] }
   - key: quota_a
     quota_mode: true
     rate_limit: { unit: hour, requests_per_unit: 1 }
@@ -164,6 +167,34 @@ async fn nested_descriptors_shadow_mode_and_replaces() {
     }
     let r = ask(&mut client, premium).await;
     assert_eq!(codes(&r), (OVER, vec![OK, OVER]));
+}
+
+#[tokio::test]
+async fn an_unlimited_rule_s_replaces_apply_too() {
+    let server = InProc::start(RULES, |_| {}).await;
+    let mut client = server.client().await;
+    // per_user allows 2 an hour; a staff plan (unlimited) replaces it, as envoyproxy/ratelimit
+    // does, so the user is never limited while the request carries it.
+    let staff = request(
+        "test",
+        &[&[("tenant", "acme"), ("user", "sam")], &[("plan", "staff")]],
+    );
+    for _ in 0..5 {
+        let r = ask(&mut client, staff.clone()).await;
+        assert_eq!(r.overall_code, OK);
+        assert!(
+            r.statuses[0].current_limit.is_none(),
+            "per_user was replaced"
+        );
+    }
+    let alone = request("test", &[&[("tenant", "acme"), ("user", "sam")]]);
+    assert_eq!(overall(&mut client, alone.clone()).await, OK);
+    assert_eq!(overall(&mut client, alone.clone()).await, OK);
+    assert_eq!(
+        overall(&mut client, alone).await,
+        OVER,
+        "nothing was counted under staff"
+    );
 }
 
 #[tokio::test]

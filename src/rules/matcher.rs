@@ -26,20 +26,18 @@ struct KeyIndex {
     bare: Option<usize>,
 }
 
-/// One configured descriptor.
+/// One configured descriptor: what the walk matches on. Everything about counting and reporting
+/// (shadow/quota mode, metrics, metadata) is on its [`Rule`], the one model of a limit.
 #[derive(Debug, Clone)]
 pub(crate) struct Node {
     pub(crate) key: String,
     /// `None` for a bare key (an empty `value` counts as none, as upstream).
     pub(crate) value: Option<String>,
+    /// Whether request values matching this node's wildcard share one counter. The walk needs it
+    /// at every level, also where the descriptor has no `rate_limit`.
+    pub(crate) share_threshold: bool,
     /// Present when the descriptor has a `rate_limit`.
     pub(crate) rule: Option<Rule>,
-    pub(crate) shadow_mode: bool,
-    pub(crate) quota_mode: bool,
-    pub(crate) detailed_metric: bool,
-    pub(crate) value_to_metric: bool,
-    pub(crate) share_threshold: bool,
-    pub(crate) metadata: Option<serde_json::Value>,
     pub(crate) children: Level,
     /// 1-based line of the descriptor in its file; 0 when unknown.
     pub(crate) line: usize,

@@ -1,7 +1,7 @@
 //! Rate limit rules: the envoyproxy/ratelimit YAML rules files, unchanged.
 //!
 //! A rules file names one `domain` and a tree of `descriptors` (see `config/ratelimit.yaml` for a
-//! commented example and DESIGN.md §3). This module
+//! commented example, and the README's Rules section). This module
 //!
 //! - loads a file, or every `*.yaml`/`*.yml` file directly inside a directory, one domain per
 //!   file ([`RuleSet::load`], [`RuleSet::from_sources`]);
@@ -11,10 +11,21 @@
 //!   level per descriptor entry, exact value before `*` wildcard patterns before the bare key;
 //! - dumps the loaded rules as JSON for the admin `/rlconfig` endpoint ([`RuleSet::to_json`]).
 //!
+//! How a file becomes a validated tree, in two passes and one lookup structure:
+//!
+//! 1. [`yaml`] parses the text (saphyr-parser) into a small tree where every node keeps the line
+//!    it starts on, maps keep their entries in file order, and scalars stay as written;
+//! 2. [`validate`] walks that tree once, recursively, checking each section as envoyproxy/ratelimit
+//!    does and building the [`DomainRules`] of the file, or failing with the first problem and
+//!    its line;
+//! 3. [`matcher`] holds the descriptor tree ([`Rule`] per descriptor with a `rate_limit`) and walks
+//!    it for a request descriptor.
+//!
 //! A [`RuleSet`] is immutable once built; hot reload builds a new one and swaps it in.
 
 mod matcher;
-mod parse;
+mod validate;
+mod yaml;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -47,6 +58,7 @@ pub struct DomainRules {
 /// What [`DomainRules::find`] found for a request descriptor.
 #[derive(Debug, Clone)]
 pub struct Match<'r> {
+    /// The rule on the node the descriptor's last entry reached.
     pub rule: &'r Rule,
     /// For each entry index whose matched node has share_threshold: true, the pattern text (the
     /// configured value with '*'): the counter key must use it instead of the request value, so
@@ -57,13 +69,17 @@ pub struct Match<'r> {
 /// A descriptor that has a `rate_limit`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rule {
+    /// Its `rate_limit`: a limit, or unlimited.
     pub limit: RateLimit,
     /// Counted and reported, never enforced.
     pub shadow_mode: bool,
     /// Over only when every quota-mode descriptor of the request is over.
     pub quota_mode: bool,
+    /// Metrics for this rule may carry the descriptor's values (`detailed_metric`).
     pub detailed_metric: bool,
+    /// Metrics for this rule carry the matched value in the stat name (`value_to_metric`).
     pub value_to_metric: bool,
+    /// Every value matching the `*` pattern shares one counter (`share_threshold`).
     pub share_threshold: bool,
     /// The descriptor's `metadata` map, as JSON.
     pub metadata: Option<serde_json::Value>,
@@ -104,11 +120,15 @@ impl Rule {
 pub enum RateLimit {
     /// `unlimited: true`: matched, answered OK, never counted.
     Unlimited,
+    /// `requests_per_unit` per `unit`.
     Limited {
         /// 0 blocks everything.
         requests_per_unit: u32,
+        /// The window length.
         unit: Unit,
+        /// The limit's `name`, the target of other rules' `replaces`.
         name: Option<String>,
+        /// Names of other matched limits this one removes from the request.
         replaces: Vec<String>,
     },
 }
@@ -121,6 +141,7 @@ pub struct RulesError {
     pub file: String,
     /// 1-based line, when the problem is at a place in the file.
     pub line: Option<usize>,
+    /// What is wrong, in envoyproxy/ratelimit's words where it has them.
     pub message: String,
 }
 
@@ -174,7 +195,7 @@ impl RuleSet {
     pub fn from_sources(sources: &[(String, String)]) -> Result<RuleSet, RulesError> {
         let mut domains: BTreeMap<String, DomainRules> = BTreeMap::new();
         for (name, text) in sources {
-            let (rules, domain_line) = parse::parse_document(name, text)?;
+            let (rules, domain_line) = parse_document(name, text)?;
             if let Some(previous) = domains.get(&rules.name) {
                 return Err(RulesError {
                     file: name.clone(),
@@ -256,6 +277,26 @@ impl DomainRules {
     }
 }
 
+/// Reads one rules document into its domain's rules, with the line of its `domain` key (for a
+/// duplicate-domain error).
+fn parse_document(file: &str, text: &str) -> Result<(DomainRules, Option<usize>), RulesError> {
+    let fail = |line, message| RulesError {
+        file: file.to_owned(),
+        line,
+        message,
+    };
+    // Editors on Windows may start a file with a byte order mark; it takes no line.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let tree = yaml::parse(text).map_err(|err| fail(err.line, err.message))?;
+    let document = validate::document(&tree).map_err(|err| fail(Some(err.line), err.message))?;
+    let rules = DomainRules {
+        name: document.domain,
+        source: file.to_owned(),
+        root: document.root,
+    };
+    Ok((rules, Some(document.domain_line)))
+}
+
 fn hash_sources(sources: &[(String, String)]) -> String {
     let mut sorted: Vec<&(String, String)> = sources.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
@@ -300,18 +341,20 @@ fn node_json(node: &Node) -> serde_json::Value {
             "unlimited": false,
         }),
     });
+    let rule = node.rule.as_ref();
+    let flag = |get: fn(&Rule) -> bool| rule.is_some_and(get);
     json!({
         "key": node.key,
         "value": node.value,
         "line": node.line,
         "rate_limit": rate_limit,
-        "shadow_mode": node.shadow_mode,
-        "quota_mode": node.quota_mode,
+        "shadow_mode": flag(|rule| rule.shadow_mode),
+        "quota_mode": flag(|rule| rule.quota_mode),
         "share_threshold": node.share_threshold,
-        "detailed_metric": node.detailed_metric,
-        "value_to_metric": node.value_to_metric,
-        "metadata": node.metadata,
-        "stat_name": node.rule.as_ref().map(|rule| rule.stat_name.as_str()),
+        "detailed_metric": flag(|rule| rule.detailed_metric),
+        "value_to_metric": flag(|rule| rule.value_to_metric),
+        "metadata": rule.and_then(|rule| rule.metadata.as_ref()),
+        "stat_name": rule.map(|rule| rule.stat_name.as_str()),
         "descriptors": level_json(&node.children),
     })
 }

@@ -1,0 +1,506 @@
+//! The parse pass: YAML text → a tree of [`Yaml`] nodes, each with the line it starts on.
+//!
+//! saphyr-parser turns the text into events, each with its span; this module assembles them into
+//! a tree that keeps what validation needs and serde_yaml would lose: every node's line, map
+//! entries in file order with duplicate keys kept, and scalars as written (`1.10`, `010`), with
+//! their style so that a plain `~` is null and a quoted `'~'` is text. Aliases are replaced by a
+//! copy of their anchor's node, lines included (so an error inside an alias is reported where
+//! the anchored node is written, as serde_yaml and yaml.v2 do). A syntax error is reported with
+//! the message and line serde_yaml (libyaml) gives for it, as before.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use saphyr_parser::{Event, Parser, ScalarStyle, Span, Tag};
+
+/// One YAML node and the 1-based line it starts on (for an anchored node, the anchor's line).
+#[derive(Debug, Clone)]
+pub(crate) struct Yaml<'t> {
+    pub(crate) line: usize,
+    pub(crate) node: Node<'t>,
+    /// A tag outside the core schema (`!foo`), which metadata keeps as `{"!foo": value}`.
+    pub(crate) tag: Option<String>,
+}
+
+/// The shape of a [`Yaml`] node.
+#[derive(Debug, Clone)]
+pub(crate) enum Node<'t> {
+    /// A scalar as written. `plain` is true for an untagged plain scalar (or one tagged with a
+    /// core type other than `!!str`): only those are read as null, booleans or numbers.
+    Scalar {
+        text: Cow<'t, str>,
+        plain: bool,
+    },
+    List(Vec<Yaml<'t>>),
+    /// Entries in file order; a key written twice stays twice.
+    Map(Vec<(Yaml<'t>, Yaml<'t>)>),
+}
+
+/// What a scalar means under the YAML 1.2 core schema as serde_yaml applies it (quoted scalars are
+/// always text; plain `010` is text too, as a number may not have leading zeros).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Scalar<'a> {
+    Null,
+    Bool(bool),
+    Unsigned(u64),
+    Signed(i64),
+    /// An integer beyond 64 bits, which serde_yaml refuses; kept as its decimal text.
+    Huge(&'a str),
+    Float(f64),
+    Text(&'a str),
+}
+
+/// A document that could not be parsed: where, and what is wrong.
+#[derive(Debug)]
+pub(crate) struct SyntaxError {
+    pub(crate) line: Option<usize>,
+    pub(crate) message: String,
+}
+
+/// Aliases may copy at most this many nodes per document ("billion laughs" guard).
+const ALIAS_BUDGET: usize = 1_000_000;
+/// Collections may nest at most this deep (serde_yaml's limit too).
+const MAX_DEPTH: usize = 128;
+
+/// Parses one document. A text with no document at all reads as a null at its last line.
+pub(crate) fn parse(text: &str) -> Result<Yaml<'_>, SyntaxError> {
+    match read(text) {
+        Err(Fault::TabAfterColon(_)) => parse_untabbed(text),
+        result => result.map_err(|fault| syntax_error(text, fault)),
+    }
+}
+
+/// saphyr-parser refuses a tab right after a `:` indicator, which YAML (and libyaml) allow as
+/// separating white space: turn each such tab into a space, keeping every position, and read
+/// again.
+fn parse_untabbed(text: &str) -> Result<Yaml<'static>, SyntaxError> {
+    let mut patched = text.to_owned();
+    for _ in 0..10_000 {
+        match read(&patched) {
+            Err(Fault::TabAfterColon(at)) => {
+                // The error points at the tab or just past it.
+                let tab = patched
+                    .char_indices()
+                    .skip(at.saturating_sub(1))
+                    .take(2)
+                    .find(|&(_, c)| c == '\t');
+                match tab {
+                    Some((byte, _)) => patched.replace_range(byte..=byte, " "),
+                    None => break,
+                }
+            }
+            result => {
+                return result
+                    .map(Yaml::into_owned)
+                    .map_err(|f| syntax_error(text, f))
+            }
+        }
+    }
+    Err(syntax_error(text, Fault::Syntax))
+}
+
+fn read(text: &str) -> Result<Yaml<'_>, Fault> {
+    let mut reader = Reader {
+        parser: Parser::new_from_str(text),
+        anchors: HashMap::new(),
+        alias_budget: ALIAS_BUDGET,
+        text,
+        line_starts: Vec::new(),
+    };
+    reader.document()
+}
+
+fn syntax_error(text: &str, fault: Fault) -> SyntaxError {
+    match fault {
+        // libyaml's wording (serde_yaml's, before this reader) for the same mistake.
+        Fault::Syntax => libyaml_error(text).unwrap_or(SyntaxError {
+            line: None,
+            message: "invalid YAML".to_owned(),
+        }),
+        Fault::TabAfterColon(_) => SyntaxError {
+            line: None,
+            message: "invalid YAML".to_owned(),
+        },
+        Fault::Reader { line, message } => SyntaxError { line, message },
+    }
+}
+
+/// serde_yaml's message and line for a text that does not parse, if it agrees that it does not.
+fn libyaml_error(text: &str) -> Option<SyntaxError> {
+    let err = serde_yaml::from_str::<serde::de::IgnoredAny>(text).err()?;
+    let line = err.location().map(|at| at.line());
+    let mut message = err.to_string();
+    if let Some(at) = err.location() {
+        let suffix = format!(" at line {} column {}", at.line(), at.column());
+        if let Some(stripped) = message.strip_suffix(&suffix) {
+            message = stripped.to_owned();
+        }
+    }
+    Some(SyntaxError { line, message })
+}
+
+enum Fault {
+    /// The scanner or parser refused the text.
+    Syntax,
+    /// A tab right after `:`, at this character index.
+    TabAfterColon(usize),
+    /// Parsed, but not a document this reader takes (a second document, an unknown alias, ...).
+    Reader {
+        line: Option<usize>,
+        message: String,
+    },
+}
+
+fn fault(line: usize, message: &str) -> Fault {
+    Fault::Reader {
+        line: Some(line),
+        message: message.to_owned(),
+    }
+}
+
+struct Reader<'t> {
+    parser: Parser<'t, saphyr_parser::StrInput<'t>>,
+    /// Anchor id → the anchored node and its node count.
+    anchors: HashMap<usize, (Yaml<'t>, usize)>,
+    alias_budget: usize,
+    text: &'t str,
+    /// Byte offset of each line, worked out at the first block scalar.
+    line_starts: Vec<usize>,
+}
+
+impl<'t> Reader<'t> {
+    fn next(&mut self) -> Result<(Event<'t>, Span), Fault> {
+        match self.parser.next_event() {
+            Some(Ok(event)) => Ok(event),
+            Some(Err(err)) if err.info().starts_with("':' must be followed by") => {
+                Err(Fault::TabAfterColon(err.marker().index()))
+            }
+            Some(Err(_)) => Err(Fault::Syntax),
+            None => Ok((Event::StreamEnd, Span::default())),
+        }
+    }
+
+    fn document(&mut self) -> Result<Yaml<'t>, Fault> {
+        let mut root = None;
+        loop {
+            let (event, span) = self.next()?;
+            match event {
+                Event::StreamEnd => {
+                    return Ok(root.unwrap_or(Yaml {
+                        line: span.start.line(),
+                        node: Node::Scalar {
+                            text: Cow::Borrowed(""),
+                            plain: true,
+                        },
+                        tag: None,
+                    }))
+                }
+                Event::DocumentStart(_) if root.is_some() => {
+                    return Err(Fault::Reader {
+                        line: None,
+                        message: "deserializing from YAML containing more than one document \
+                                  is not supported"
+                            .to_owned(),
+                    })
+                }
+                Event::DocumentStart(_) => {
+                    let (event, span) = self.next()?;
+                    root = Some(self.node(event, span, 0)?);
+                }
+                Event::Nothing | Event::StreamStart | Event::DocumentEnd => {}
+                _ => return Err(fault(span.start.line(), "unexpected YAML event")),
+            }
+        }
+    }
+
+    fn node(&mut self, event: Event<'t>, span: Span, depth: usize) -> Result<Yaml<'t>, Fault> {
+        let mut line = span.start.line();
+        if depth > MAX_DEPTH {
+            return Err(fault(line, "recursion limit exceeded"));
+        }
+        let (anchor, tag, node) = match event {
+            Event::Alias(id) => {
+                let Some((node, count)) = self.anchors.get(&id) else {
+                    return Err(fault(line, "unknown anchor"));
+                };
+                let Some(left) = self.alias_budget.checked_sub(*count) else {
+                    return Err(fault(line, "repetition limit exceeded"));
+                };
+                self.alias_budget = left;
+                return Ok(node.clone());
+            }
+            Event::Scalar(text, style, anchor, tag) => {
+                let plain = match tag.as_deref() {
+                    Some(tag) if tag.is_yaml_core_schema() => tag.suffix != "str",
+                    _ => style == ScalarStyle::Plain,
+                };
+                if matches!(style, ScalarStyle::Literal | ScalarStyle::Folded) {
+                    line = self.header_line(span);
+                }
+                (anchor, tag, Node::Scalar { text, plain })
+            }
+            Event::SequenceStart(anchor, tag) => {
+                let mut items = Vec::new();
+                loop {
+                    match self.next()? {
+                        (Event::SequenceEnd, _) => break,
+                        (event, span) => items.push(self.node(event, span, depth + 1)?),
+                    }
+                }
+                (anchor, tag, Node::List(items))
+            }
+            Event::MappingStart(anchor, tag) => {
+                let mut entries = Vec::new();
+                loop {
+                    let key = match self.next()? {
+                        (Event::MappingEnd, _) => break,
+                        (event, span) => self.node(event, span, depth + 1)?,
+                    };
+                    let (event, span) = self.next()?;
+                    entries.push((key, self.node(event, span, depth + 1)?));
+                }
+                (anchor, tag, Node::Map(entries))
+            }
+            _ => return Err(fault(line, "unexpected YAML event")),
+        };
+        let tag = tag
+            .filter(|tag| !tag.is_yaml_core_schema())
+            .map(|tag| Tag::to_string(&tag));
+        let yaml = Yaml { line, node, tag };
+        if anchor > 0 {
+            self.anchors.insert(anchor, (yaml.clone(), yaml.count()));
+        }
+        Ok(yaml)
+    }
+}
+
+impl Reader<'_> {
+    /// The line of a block scalar's `|` or `>` header: the span starts at its content, and
+    /// serde_yaml placed the scalar at the header.
+    fn header_line(&mut self, span: Span) -> usize {
+        if self.line_starts.is_empty() {
+            self.line_starts = std::iter::once(0)
+                .chain(self.text.match_indices('\n').map(|(at, _)| at + 1))
+                .collect();
+        }
+        let line_text = |line: usize| {
+            let start = self
+                .line_starts
+                .get(line - 1)
+                .copied()
+                .unwrap_or(self.text.len());
+            let end = self
+                .line_starts
+                .get(line)
+                .copied()
+                .unwrap_or(self.text.len());
+            self.text.get(start..end).unwrap_or("")
+        };
+        let mut line = span.start.line();
+        let before: String = line_text(line).chars().take(span.start.col()).collect();
+        if !before.trim().is_empty() {
+            return line;
+        }
+        while line > 1 {
+            line -= 1;
+            if !line_text(line).trim().is_empty() {
+                break;
+            }
+        }
+        line
+    }
+}
+
+impl<'t> Yaml<'t> {
+    /// The same tree, owning its text.
+    fn into_owned(self) -> Yaml<'static> {
+        let node = match self.node {
+            Node::Scalar { text, plain } => Node::Scalar {
+                text: Cow::Owned(text.into_owned()),
+                plain,
+            },
+            Node::List(items) => Node::List(items.into_iter().map(Yaml::into_owned).collect()),
+            Node::Map(entries) => Node::Map(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                    .collect(),
+            ),
+        };
+        Yaml {
+            line: self.line,
+            node,
+            tag: self.tag,
+        }
+    }
+
+    /// How many nodes this one is, itself included.
+    fn count(&self) -> usize {
+        1 + match &self.node {
+            Node::Scalar { .. } => 0,
+            Node::List(items) => items.iter().map(Yaml::count).sum(),
+            Node::Map(entries) => entries.iter().map(|(k, v)| k.count() + v.count()).sum(),
+        }
+    }
+
+    /// The scalar's meaning, or `None` for a list or map.
+    pub(crate) fn scalar(&self) -> Option<Scalar<'_>> {
+        match &self.node {
+            Node::Scalar { text, plain: true } => Some(resolve(text)),
+            Node::Scalar { text, plain: false } => Some(Scalar::Text(text)),
+            _ => None,
+        }
+    }
+
+    /// Whether this is null (`~`, `null`, or nothing at all).
+    pub(crate) fn is_null(&self) -> bool {
+        self.scalar() == Some(Scalar::Null)
+    }
+
+    /// How a validation message names this node when it is not what was expected: `'text'`, a
+    /// number or boolean as written by serde, `null`, `a list`, `a map`.
+    pub(crate) fn found(&self) -> String {
+        match self.scalar() {
+            Some(Scalar::Null) => "null".to_owned(),
+            Some(Scalar::Bool(b)) => b.to_string(),
+            Some(Scalar::Unsigned(n)) => n.to_string(),
+            Some(Scalar::Signed(n)) => n.to_string(),
+            Some(Scalar::Huge(n)) => n.to_owned(),
+            Some(Scalar::Float(f)) => f.to_string(),
+            Some(Scalar::Text(s)) => format!("'{s}'"),
+            None if matches!(self.node, Node::List(_)) => "a list".to_owned(),
+            None => "a map".to_owned(),
+        }
+    }
+}
+
+/// The core-schema meaning of a plain scalar, with serde_yaml's rules: `~`/`null`/empty is null,
+/// only `true`/`false` (three casings) are booleans, integers may be `0x`/`0o`/`0b` prefixed
+/// and signed but not zero-padded, floats include `.inf` and `.nan`.
+pub(crate) fn resolve(text: &str) -> Scalar<'_> {
+    match text {
+        "" | "~" | "null" | "Null" | "NULL" => return Scalar::Null,
+        "true" | "True" | "TRUE" => return Scalar::Bool(true),
+        "false" | "False" | "FALSE" => return Scalar::Bool(false),
+        _ => {}
+    }
+    let (negative, unsigned) = match text.as_bytes()[0] {
+        b'-' => (true, &text[1..]),
+        b'+' => (false, &text[1..]),
+        _ => (false, text),
+    };
+    let zero_padded = unsigned.len() > 1
+        && unsigned.starts_with('0')
+        && unsigned[1..].bytes().all(|b| b.is_ascii_digit());
+    if zero_padded {
+        return Scalar::Text(text);
+    }
+    let (radix, digits) = match unsigned.get(..2) {
+        Some("0x") => (16, &unsigned[2..]),
+        Some("0o") => (8, &unsigned[2..]),
+        Some("0b") => (2, &unsigned[2..]),
+        _ => (10, unsigned),
+    };
+    if !digits.is_empty() && !digits.starts_with(['+', '-']) {
+        if let Ok(n) = u128::from_str_radix(digits, radix) {
+            return match (negative, u64::try_from(n), i64::try_from(n)) {
+                (false, Ok(n), _) => Scalar::Unsigned(n),
+                (true, _, Ok(n)) => Scalar::Signed(-n),
+                (true, _, _) if n == 1 << 63 => Scalar::Signed(i64::MIN),
+                _ => Scalar::Huge(text),
+            };
+        }
+    }
+    if unsigned.starts_with(['+', '-']) {
+        return Scalar::Text(text);
+    }
+    let float = match unsigned {
+        ".inf" | ".Inf" | ".INF" => Some(f64::INFINITY),
+        ".nan" | ".NaN" | ".NAN" if !text.starts_with(['+', '-']) => Some(f64::NAN),
+        _ => unsigned.parse::<f64>().ok().filter(|f| f.is_finite()),
+    };
+    match float {
+        Some(f) if negative => Scalar::Float(-f),
+        Some(f) => Scalar::Float(f),
+        None => Scalar::Text(text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_scalars_resolve_like_serde_yaml() {
+        for (text, want) in [
+            ("", Scalar::Null),
+            ("~", Scalar::Null),
+            ("True", Scalar::Bool(true)),
+            ("yes", Scalar::Text("yes")),
+            ("10", Scalar::Unsigned(10)),
+            ("+7", Scalar::Unsigned(7)),
+            ("-1", Scalar::Signed(-1)),
+            ("0x10", Scalar::Unsigned(16)),
+            ("0o10", Scalar::Unsigned(8)),
+            ("010", Scalar::Text("010")),
+            ("1.10", Scalar::Float(1.1)),
+            ("1e3", Scalar::Float(1000.0)),
+            ("-.inf", Scalar::Float(f64::NEG_INFINITY)),
+            ("99999999999999999999", Scalar::Huge("99999999999999999999")),
+            ("ten", Scalar::Text("ten")),
+        ] {
+            assert_eq!(resolve(text), want, "{text:?}");
+        }
+        assert!(matches!(resolve(".nan"), Scalar::Float(f) if f.is_nan()));
+    }
+
+    #[test]
+    fn nodes_keep_lines_order_duplicates_and_anchor_lines() {
+        let text = "a: &x\n  k: 1\n  k: 2\nb: *x\nc: '~'\n";
+        let root = parse(text).unwrap();
+        let Node::Map(entries) = &root.node else {
+            panic!("{root:?}")
+        };
+        assert_eq!(entries.len(), 3);
+        let (Node::Map(a), Node::Map(b)) = (&entries[0].1.node, &entries[1].1.node) else {
+            panic!("{entries:?}")
+        };
+        assert_eq!((a.len(), b.len()), (2, 2));
+        assert_eq!(
+            (entries[0].1.line, entries[1].1.line),
+            (1, 1),
+            "the anchor's line"
+        );
+        assert_eq!(b[1].0.line, 3);
+        assert_eq!(entries[2].1.scalar(), Some(Scalar::Text("~")));
+    }
+
+    #[test]
+    fn documents_syntax_errors_and_alias_bombs() {
+        assert_eq!(parse("").unwrap().line, 1);
+        let empty = parse("# only a comment\n").unwrap();
+        assert!(empty.is_null() && empty.line == 2);
+        assert!(parse("---\n").unwrap().is_null());
+        let err = parse("a: 1\n---\nb: 2\n").unwrap_err();
+        assert!(err.message.contains("more than one document"), "{err:?}");
+        let err = parse("a: [\n").unwrap_err();
+        assert!(err.line.is_some(), "{err:?}");
+        let err = parse("a: *nope\n").unwrap_err();
+        assert_eq!(
+            (err.line, err.message.as_str()),
+            (Some(1), "unknown anchor")
+        );
+        let mut bomb = "a: &a0 [x, x, x, x, x, x, x, x, x, x]\n".to_owned();
+        for i in 1..8 {
+            let p = i - 1;
+            bomb += &format!("a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n");
+        }
+        let err = parse(&bomb).unwrap_err();
+        assert_eq!(err.message, "repetition limit exceeded");
+        let deep = "[".repeat(200) + &"]".repeat(200);
+        assert_eq!(
+            parse(&deep).unwrap_err().message,
+            "recursion limit exceeded"
+        );
+    }
+}
