@@ -551,23 +551,24 @@ impl Gossip {
         m
     }
 
-    /// This node's id and generation.
-    pub fn node(&self) -> (String, u64) {
-        let mesh = self
-            .shared
+    /// The supervisor's view of the chitchat task.
+    fn mesh_state(&self) -> MeshState {
+        self.shared
             .mesh
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// This node's id and generation.
+    pub fn node(&self) -> (String, u64) {
+        let mesh = self.mesh_state();
         (mesh.id.node_id.to_string(), mesh.id.generation_id)
     }
 
     /// Whether the chitchat task runs, and how many times it was restarted.
     pub fn mesh_up(&self) -> (bool, u64) {
-        let mesh = self
-            .shared
-            .mesh
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mesh = self.mesh_state();
         (mesh.up, mesh.restarts)
     }
 
@@ -683,12 +684,7 @@ impl SyncStrategy for Gossip {
 
     fn status(&self) -> StrategyStatus {
         let m = self.membership();
-        let mesh = self
-            .shared
-            .mesh
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let mesh = self.mesh_state();
         let peers = format!("peers: {} live, {} dead", m.live.len(), m.dead.len());
         let health = if mesh.up {
             Health::serving(vec![peers])
