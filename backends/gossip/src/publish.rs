@@ -27,6 +27,15 @@ const HOT_FRACTION: f64 = 0.5;
 /// the limit, so a key turns hot before the hits nobody has heard of can matter.
 const COLD_SLACK: f64 = 0.4;
 
+/// A hot key whose count stopped changing is republished unchanged (same count, new time) in
+/// this many rounds after its last change. Peers extrapolate a key by the rate they last saw,
+/// and a node that stops admitting publishes nothing, so without this its peers keep adding
+/// `rate × age` hits that never happen (up to the extrapolation horizon, until the rate goes
+/// stale): near the limit every node ends up refusing the last hits of the window. Each
+/// unchanged republication shows a rate of 0 (the receiver halves its smoothed rate) and restarts
+/// the age of the information.
+const IDLE_REPUBLISH_ROUNDS: u32 = 4;
+
 /// A key idle this long (ms) after its published window ended is deleted: a key hit again soon
 /// after a window boundary keeps its entry (overwritten in place) instead of a delete and a set.
 const DELETE_AFTER_IDLE_MILLIS: u32 = 10_000;
@@ -51,6 +60,8 @@ struct OwnKey {
     rate: f32,
     /// Rounds the key has waited with an unpublished change.
     waiting: u32,
+    /// Unchanged republications since the count last changed (see [`IDLE_REPUBLISH_ROUNDS`]).
+    idle_republished: u32,
     /// The round the key was last seen live in (to find keys that went away).
     seen_round: u64,
     /// When it was last seen live (millis tag).
@@ -134,6 +145,7 @@ impl Publisher {
                     last_seen: (live.window, 0, now_millis),
                     rate: 0.0,
                     waiting: 0,
+                    idle_republished: 0,
                     seen_round: round,
                     seen_at: now_millis,
                 }),
@@ -148,7 +160,8 @@ impl Publisher {
             }
             state.last_seen = (live.window, live.count, now_millis);
             view.set_own_rate(state.hash, state.rate);
-            if state.published != Some((live.window, live.count)) {
+            let changed = state.published != Some((live.window, live.count));
+            if changed || state.idle_republished < IDLE_REPUBLISH_ROUNDS {
                 let peers = view
                     .estimate(state.hash, live.window, now_millis, 0)
                     .published;
@@ -163,9 +176,13 @@ impl Publisher {
                     }
                     _ => live.count,
                 };
+                // Unchanged, only a hot key is republished (so peers stop extrapolating it).
                 let due = closeness >= HOT_FRACTION
-                    || f64::from(unpublished) >= (f64::from(live.limit) * cold_step).max(1.0)
-                    || millis_since(state.published_at, now_millis) >= COLD_REFRESH_MILLIS;
+                    || (changed
+                        && (f64::from(unpublished)
+                            >= (f64::from(live.limit) * cold_step).max(1.0)
+                            || millis_since(state.published_at, now_millis)
+                                >= COLD_REFRESH_MILLIS));
                 if !due {
                     return;
                 }
@@ -203,6 +220,11 @@ impl Publisher {
                 at_millis,
             };
             sets.push((entry_key(state.hash), entry.encode()));
+            if state.published == Some((window, count)) {
+                state.idle_republished = state.idle_republished.saturating_add(1);
+            } else {
+                state.idle_republished = 0;
+            }
             state.published = Some((window, count));
             state.published_at = now_millis;
             state.waiting = 0;
@@ -279,7 +301,16 @@ mod tests {
         assert_eq!(sets[0].0, entry_key(KeyHasher::default().hash("a")));
         assert_eq!(sets[0].1.count, 6);
         assert_eq!(sets[0].1.window, window_tag(T0, Unit::Minute));
-        // Nothing changed: nothing to send.
+        // Nothing changed: a hot key (6 of 10) is republished unchanged a few rounds, so peers
+        // see its rate fall; then nothing is sent.
+        for _ in 0..IDLE_REPUBLISH_ROUNDS {
+            assert_eq!(
+                decoded(&publisher.round(&counters, &view, T0, 100, 1))[0]
+                    .1
+                    .count,
+                6
+            );
+        }
         assert_eq!(
             publisher.round(&counters, &view, T0, 100, 1),
             Round::default()
@@ -309,11 +340,17 @@ mod tests {
             .sets
             .iter()
             .any(|(k, _)| *k == entry_key(KeyHasher::default().hash("hot"))));
-        let mut published = first.sets.len();
+        let mut published: std::collections::HashSet<String> =
+            first.sets.into_iter().map(|(k, _)| k).collect();
         for _ in 0..10 {
-            published += publisher.round(&counters, &view, T0, 3, 1).sets.len();
+            let round = publisher.round(&counters, &view, T0, 3, 1);
+            published.extend(round.sets.into_iter().map(|(k, _)| k));
         }
-        assert_eq!(published, 11, "every changed key is published eventually");
+        assert_eq!(
+            published.len(),
+            11,
+            "every changed key is published eventually"
+        );
     }
 
     #[test]
@@ -389,6 +426,32 @@ mod tests {
                 .count,
             52
         );
+    }
+
+    #[test]
+    fn only_hot_keys_are_republished_unchanged() {
+        let counters = LocalCounters::new(100);
+        let view = PeerView::default();
+        let mut publisher = Publisher::new();
+        hit(&counters, "cold", 100, Unit::Minute, 20, T0);
+        hit(&counters, "hot", 100, Unit::Minute, 60, T0);
+        assert_eq!(publisher.round(&counters, &view, T0, 100, 2).sets.len(), 2);
+        let later: Vec<_> = (0..10)
+            .map(|_| decoded(&publisher.round(&counters, &view, T0, 100, 2)))
+            .collect();
+        let republished = later.iter().filter(|sets| !sets.is_empty()).count();
+        assert_eq!(republished as u32, IDLE_REPUBLISH_ROUNDS);
+        assert!(later
+            .iter()
+            .flatten()
+            .all(|(k, e)| *k == entry_key(KeyHasher::default().hash("hot")) && e.count == 60));
+        // A new hit restarts the count of unchanged republications.
+        hit(&counters, "hot", 100, Unit::Minute, 1, T0);
+        let mut sent = 0;
+        for _ in 0..10 {
+            sent += publisher.round(&counters, &view, T0, 100, 2).sets.len();
+        }
+        assert_eq!(sent as u32, 1 + IDLE_REPUBLISH_ROUNDS);
     }
 
     #[test]

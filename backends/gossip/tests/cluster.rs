@@ -173,8 +173,9 @@ async fn hits_on_one_node_are_seen_by_the_others() {
         .await;
     }
     // The global count shows in the decision of another node (once node0's rate has gone
-    // stale, so nothing is extrapolated on top).
-    tokio::time::sleep(INTERVAL * 8).await;
+    // stale, so nothing is extrapolated on top: the hot key is republished unchanged for 4
+    // rounds, then goes stale 5 intervals later).
+    tokio::time::sleep(INTERVAL * 14).await;
     let d = check(&nodes[2], &h).await;
     assert_eq!(d.count, 11);
     assert_eq!(d.remaining, 9);

@@ -37,6 +37,18 @@ pub fn bench_rules(limit: u64, unit: Unit) -> String {
     )
 }
 
+/// A rules file with one `generic_key` descriptor per `(value, limit, unit)`, in domain `bench`.
+pub fn bench_rules_many(descriptors: &[(String, u64, Unit)]) -> String {
+    let mut yaml = format!("domain: {DOMAIN}\ndescriptors:\n");
+    for (value, limit, unit) in descriptors {
+        yaml.push_str(&format!(
+            "  - key: {KEY}\n    value: {value}\n    rate_limit:\n      unit: {unit}\n      \
+             requests_per_unit: {limit}\n"
+        ));
+    }
+    yaml
+}
+
 /// A standard overshoot experiment.
 #[derive(Debug, Clone)]
 pub struct Experiment {
@@ -68,6 +80,9 @@ pub struct Experiment {
     pub ready_timeout: Duration,
     /// Bound on each call.
     pub request_timeout: Duration,
+    /// The descriptor value every call sends ([`VALUE`] by default): several experiments can
+    /// share one cluster on different keys (see [`crate::sweep`]).
+    pub value: String,
 }
 
 /// What can stop an experiment.
@@ -122,6 +137,7 @@ impl Experiment {
             env: Vec::new(),
             ready_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(1),
+            value: VALUE.to_owned(),
         }
     }
 
@@ -211,6 +227,24 @@ impl Experiment {
     /// Runs the load on an already started (and ready) cluster: for runs that prepare the
     /// cluster themselves (their own readiness check, a node to kill later).
     pub async fn run_on(&self, cluster: &mut Cluster) -> Result<Report, ExperimentError> {
+        let report = self.run_load(&cluster.grpc_addrs()).await?;
+        if let Some((node, status, stderr)) = cluster.exited().into_iter().next() {
+            return Err(ExperimentError::NodeExited {
+                node,
+                status,
+                stderr,
+            });
+        }
+        Ok(report)
+    }
+
+    /// Runs the load against `targets` (the nodes' gRPC addresses) and reports; the caller
+    /// checks that no node exited meanwhile. Several can run at once on one cluster, each on
+    /// its own descriptor [`value`](Self::value).
+    pub async fn run_load(
+        &self,
+        targets: &[std::net::SocketAddr],
+    ) -> Result<Report, ExperimentError> {
         self.validate()?;
         let window = self.window();
         let wu = window_micros(window);
@@ -223,7 +257,7 @@ impl Experiment {
 
         let mut workload = Workload::new(
             DOMAIN,
-            vec![(KEY.to_owned(), VALUE.to_owned())],
+            vec![(KEY.to_owned(), self.value.clone())],
             self.target_rps(),
             duration,
         );
@@ -231,14 +265,7 @@ impl Experiment {
         workload.clients_per_node = self.clients_per_node;
         workload.request_timeout = self.request_timeout;
 
-        let load = workload::run(&workload, &cluster.grpc_addrs()).await?;
-        if let Some((node, status, stderr)) = cluster.exited().into_iter().next() {
-            return Err(ExperimentError::NodeExited {
-                node,
-                status,
-                stderr,
-            });
-        }
+        let load = workload::run(&workload, targets).await?;
         let windows = truth::analyse(&load.observations, self.limit, window, Some(measured));
         Ok(Report::new(
             self.run_info(),

@@ -9,11 +9,14 @@
 //! - [`workload`]: paced gRPC clients offering a rate spread over the nodes;
 //! - [`truth`]: per-window ground truth from the clients' observations;
 //! - [`report`]: the summary and per-window table, as markdown and JSON;
-//! - [`experiment`]: the standard run that ties them together (used by the `overshoot` binary).
+//! - [`experiment`]: the standard run that ties them together (used by the `overshoot` binary);
+//! - [`sweep`]: a grid of experiments, overshoot and false rejections per cell (the `accuracy`
+//!   binary).
 
 pub mod cluster;
 pub mod experiment;
 pub mod report;
+pub mod sweep;
 pub mod truth;
 pub mod workload;
 
@@ -21,7 +24,7 @@ pub use cluster::{
     build_hivemind, default_binary, Cluster, ClusterError, ClusterSpec, Health, Node, Profile,
     Strategy,
 };
-pub use experiment::{bench_rules, Experiment, ExperimentError};
+pub use experiment::{bench_rules, bench_rules_many, Experiment, ExperimentError};
 pub use report::{Latency, Report, ReportError, RunInfo, Summary};
 pub use truth::{analyse, Observation, Outcome, WindowTruth};
 pub use workload::{Load, Workload, WorkloadError};
