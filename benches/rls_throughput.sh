@@ -6,7 +6,7 @@
 # measured in one run, not absolute numbers across machines.
 #
 #   benches/rls_throughput.sh [--strategy NAME] [--over-limit] [--threads N] [--floor]
-#                             [--rps CALLS_PER_SECOND] [DURATION_SECONDS]
+#                             [--rps CALLS_PER_SECOND] [--connections N] [DURATION_SECONDS]
 #
 # --strategy redis starts its own redis-server (Debian's; persistence off) on a free loopback
 # port and points hivemind at it. --over-limit sets the limit to 100 per hour, so nearly every
@@ -21,7 +21,8 @@
 # constant-answer server of examples/rls_floor.rs on the same gRPC stack and serving model,
 # in the same run. --rps fixes the offered load (total, split over the connections) so that
 # server CPU per call compares like with like; without it h2load sends as fast as it can.
-# Server CPU per call is utime+stime (/proc/PID/stat fields 14-15) over the measured h2load run
+# --connections N opens N client connections instead of 10 (each with 10 streams), to show an
+# unbalanced accept. Server CPU per call is utime+stime (/proc/PID/stat fields 14-15) over the measured h2load run
 # (after a 1 s warm-up run), divided by the calls.
 #
 # RLS_BENCH_BIN=path runs that binary instead of building target/release/hivemind, and
@@ -35,6 +36,7 @@ limit=4000000000
 threads=
 floor=false
 rps=
+connections=10
 while [ "$#" -gt 0 ]; do
   case "$1" in
     --strategy) strategy=$2; shift 2 ;;
@@ -42,11 +44,11 @@ while [ "$#" -gt 0 ]; do
     --threads) threads=$2; shift 2 ;;
     --floor) floor=true; shift ;;
     --rps) rps=$2; shift 2 ;;
+    --connections) connections=$2; shift 2 ;;
     *) break ;;
   esac
 done
 duration=${1:-10}
-connections=10
 command -v h2load >/dev/null || { echo "h2load missing: apt-get install -y nghttp2-client" >&2; exit 1; }
 
 bin=${RLS_BENCH_BIN:-}
@@ -134,6 +136,7 @@ measure() {
     -H 'content-type: application/grpc' -H 'te: trailers' "${rate_args[@]}")
   "${h2[@]}" -D 1 "$url" > /dev/null
   local before after
+  rm -f "$work/run.tsv"
   before=$(cpu_ticks)
   "${h2[@]}" -D "$duration" --log-file="$work/run.tsv" "$url" > "$work/h2load.out"
   after=$(cpu_ticks)
@@ -154,7 +157,7 @@ stop_server() {
   pid=
 }
 
-label="hivemind $strategy${threads:+ threads=$threads}"
+label="hivemind $strategy${threads:+ threads=$threads} c=$connections"
 start_server "$bin" -c "$work/rules.yaml" -a 127.0.0.1:0 --admin-addr 127.0.0.1:0 \
   --mesh-addr 127.0.0.1:0 --strategy "$strategy" "${thread_args[@]}" "${extra[@]}"
 measure "$label"
@@ -174,7 +177,7 @@ stop_server
 
 if [ "$floor" = true ]; then
   start_server "$floor_bin" --addr 127.0.0.1:0 "${thread_args[@]}"
-  measure "floor${threads:+ threads=$threads}"
+  measure "floor${threads:+ threads=$threads} c=$connections"
   stop_server
 fi
 

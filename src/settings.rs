@@ -818,6 +818,29 @@ mod tests {
     }
 
     #[test]
+    fn server_threads_default_to_the_cores_and_zero_is_the_shared_runtime() {
+        let none = SettingsFile::Default(PathBuf::from("/nonexistent"));
+        let defaults = Settings::load(&none, vars(&[]), FlagValues::default()).unwrap();
+        assert_eq!(defaults.server.threads, None);
+        assert!(defaults.server.event_loops() >= 1);
+        for (value, loops) in [("2", 2), ("0", 0)] {
+            let settings = Settings::load(
+                &none,
+                vars(&[("HIVEMIND_SERVER__THREADS", value)]),
+                FlagValues::default(),
+            )
+            .unwrap();
+            assert_eq!(settings.server.event_loops(), loops);
+        }
+        let err = Settings::load(
+            &none,
+            vars(&[("HIVEMIND_SERVER__THREADS", "-1")]),
+            FlagValues::default(),
+        );
+        assert!(err.is_err(), "negative thread count accepted");
+    }
+
+    #[test]
     fn a_named_settings_file_must_exist() {
         let named = SettingsFile::Named(PathBuf::from("/nonexistent/settings.yaml"));
         let err = Settings::load(&named, vars(&[]), FlagValues::default()).unwrap_err();
