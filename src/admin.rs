@@ -5,7 +5,8 @@
 //! - `POST /json`: a `RateLimitRequest` in Envoy's JSON mapping, the response back (200 OK,
 //!   429 OVER_LIMIT, 400 malformed, 503 backend unavailable), as envoyproxy/ratelimit's;
 //! - `GET /rlconfig`: the rules in force, their hash and the reload status;
-//! - `GET /stats`: the strategy's health, counters and figures, and reload figures, as JSON;
+//! - `GET /stats`: the strategy's health, counters and figures, reload figures, and the gRPC
+//!   serving model with each event loop's connection count, as JSON;
 //! - `GET /<view>`: each view the strategy offers ([`SyncStrategy::views`]), e.g. gossip's
 //!   `/mesh` (live and dead peers, generations, mesh traffic).
 //!
@@ -23,6 +24,7 @@ use axum::{Json, Router};
 use hivemind_core::{HealthState, SyncStrategy};
 use serde_json::json;
 
+use crate::event_loops::ServingStats;
 use crate::json::{parse_request, response_json};
 use crate::limiter::{LimitError, Limiter};
 use crate::proto::Code;
@@ -36,6 +38,8 @@ pub struct AdminState {
     pub reload: Option<Arc<Mutex<ReloadStatus>>>,
     /// Cleared when shutdown begins, so load balancers stop sending traffic.
     pub serving: Arc<AtomicBool>,
+    /// The gRPC serving model and per-event-loop connection counts, shown in `/stats`.
+    pub server: Arc<ServingStats>,
 }
 
 /// The admin router.
@@ -128,6 +132,7 @@ async fn stats(State(state): State<Arc<AdminState>>) -> Response {
         "health": status.health,
         "counters": status.counters,
         "backend": status.details,
+        "server": state.server.to_json(),
         "rules": {
             "hash": state.limiter.rules().load().hash(),
             "reload": reload_status(&state),

@@ -21,6 +21,10 @@ pub struct Cli {
     /// such as /mesh) [default: 127.0.0.1:8080].
     #[arg(long, value_name = "ADDR")]
     pub admin_addr: Option<SocketAddr>,
+    /// gRPC event loops, one OS thread each [default: one per core; 0: one shared
+    /// multi-thread runtime].
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
     /// Settings file [default: config/hivemind.yaml if present; env HIVEMIND_SETTINGS].
     #[arg(long, value_name = "PATH")]
     pub settings: Option<PathBuf>,
@@ -63,6 +67,9 @@ impl Cli {
         }
         if let Some(addr) = self.admin_addr {
             flags.set("admin.addr", addr.to_string());
+        }
+        if let Some(threads) = self.threads {
+            flags.set("server.threads", threads as u64);
         }
         let strategy = match (self.strategy, self.mesh) {
             (Some(strategy), _) => Some(strategy),

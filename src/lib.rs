@@ -9,10 +9,12 @@
 //! - [`limiter`]: one request's decision: descriptors → hits → strategy → response;
 //! - [`grpc`]: the tonic service around the limiter; [`admin`]: the admin HTTP endpoints;
 //! - [`strategies`]: the one place that names the backends and builds the configured one;
-//! - [`server`]: wiring, listeners and graceful shutdown; [`telemetry`]: logs.
+//! - [`server`]: wiring, listeners and graceful shutdown; [`event_loops`]: thread-per-core
+//!   serving of the gRPC service; [`telemetry`]: logs.
 
 pub mod admin;
 pub mod cli;
+pub mod event_loops;
 pub mod grpc;
 pub mod json;
 pub mod limiter;

@@ -21,6 +21,7 @@ use tokio_stream::StreamExt;
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
+use crate::event_loops::{EventLoops, ServingStats};
 use crate::grpc::RateLimitGrpc;
 use crate::limiter::Limiter;
 use crate::proto::{RateLimitServiceServer, FILE_DESCRIPTOR_SET};
@@ -208,11 +209,15 @@ pub async fn run_with_ready(
         })?;
     let rls = RateLimitServiceServer::new(RateLimitGrpc::new(limiter.clone()))
         .max_decoding_message_size(settings.grpc.max_message_bytes);
-    let grpc = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(rls)
         .add_service(health_service)
-        .add_service(reflection)
-        .serve_with_incoming_shutdown(
+        .add_service(reflection);
+    let loops = settings.server.event_loops();
+    let serving_stats = Arc::new(ServingStats::new(loops));
+    let grpc = if loops == 0 {
+        // The baseline model: one work-stealing runtime serves every connection.
+        let grpc = router.serve_with_incoming_shutdown(
             // Responses are small and latency-bound: send them without Nagle's delay.
             TcpListenerStream::new(listeners.grpc).map(|stream| {
                 stream.inspect(|s| {
@@ -221,16 +226,26 @@ pub async fn run_with_ready(
             }),
             stopped(stop_rx.clone()),
         );
+        Grpc::Shared(tokio::spawn(grpc))
+    } else {
+        Grpc::Loops(EventLoops::start(
+            listeners.grpc,
+            router,
+            stop_rx.clone(),
+            serving_stats.clone(),
+        )?)
+    };
+    info!(event_loops = loops, "grpc serving model");
 
     let admin_state = Arc::new(AdminState {
         limiter,
         reload: reloader.as_ref().map(reload::ReloadHandle::status_cell),
         serving: serving.clone(),
+        server: serving_stats,
     });
     let admin = axum::serve(listeners.admin, admin::router(admin_state))
         .with_graceful_shutdown(stopped(stop_rx));
 
-    let grpc = tokio::spawn(grpc);
     let admin = tokio::spawn(async move { admin.await });
     ready();
     shutdown.await;
@@ -248,7 +263,7 @@ pub async fn run_with_ready(
     info!("shutting down: no new connections, draining in-flight calls");
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(settings.shutdown.drain_timeout, async {
-        let grpc = grpc.await;
+        let grpc = grpc.finished().await;
         let admin = admin.await;
         (grpc, admin)
     })
@@ -261,10 +276,28 @@ pub async fn run_with_ready(
             Ok(())
         }
         Ok((grpc, admin)) => {
-            flatten("grpc", grpc.map(|r| r.map_err(|e| e.to_string())))?;
+            flatten("grpc", grpc)?;
             flatten("admin", admin.map(|r| r.map_err(|e| e.to_string())))?;
             info!("shutdown complete");
             Ok(())
+        }
+    }
+}
+
+/// The running gRPC server, in either serving model.
+enum Grpc {
+    /// `server.threads: 0`: one tonic server on the main runtime.
+    Shared(tokio::task::JoinHandle<Result<(), tonic::transport::Error>>),
+    /// Event loops on their own threads, fed by one acceptor.
+    Loops(EventLoops),
+}
+
+impl Grpc {
+    /// Waits until the server has stopped accepting and drained.
+    async fn finished(self) -> Result<Result<(), String>, tokio::task::JoinError> {
+        match self {
+            Grpc::Shared(task) => task.await.map(|r| r.map_err(|e| e.to_string())),
+            Grpc::Loops(loops) => Ok(loops.finished().await),
         }
     }
 }

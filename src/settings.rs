@@ -37,6 +37,8 @@ pub struct Settings {
     pub grpc: GrpcSettings,
     /// The admin HTTP endpoints (health, JSON, rules dump).
     pub admin: AdminSettings,
+    /// How the gRPC service is served: event loops per core.
+    pub server: ServerSettings,
     /// Where the rate limit rules come from.
     pub rules: RulesSettings,
     /// The local counters every strategy uses.
@@ -130,6 +132,32 @@ impl Default for GrpcSettings {
             addr: SocketAddr::from(([127, 0, 0, 1], 8081)),
             max_message_bytes: 4 * 1024 * 1024,
         }
+    }
+}
+
+/// How the gRPC service is served.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Event loops serving gRPC connections, each a single-threaded runtime on its own OS
+    /// thread; one acceptor hands connections to them round-robin (`--threads`). `None`: one
+    /// per core. `0`: the previous model, one work-stealing runtime shared with background work
+    /// (kept as a baseline to compare against).
+    pub threads: Option<usize>,
+}
+
+/// The largest `server.threads` accepted.
+pub const MAX_SERVER_THREADS: usize = 1024;
+
+impl ServerSettings {
+    /// The event loops to start: `threads`, or the number of cores when unset; 0 means the
+    /// shared multi-thread runtime.
+    pub fn event_loops(&self) -> usize {
+        self.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(std::num::NonZeroUsize::get)
+                .unwrap_or(1)
+        })
     }
 }
 
@@ -440,6 +468,14 @@ impl Settings {
             hour,
         );
         check.duration("shutdown.grace", self.shutdown.grace, Duration::ZERO, hour);
+        if let Some(threads) = self.server.threads {
+            check.count(
+                "server.threads",
+                threads as u64,
+                0,
+                MAX_SERVER_THREADS as u64,
+            );
+        }
         #[cfg(feature = "gossip")]
         if self.strategy == StrategyKind::Gossip {
             self.mesh.check(&mut check);
@@ -664,6 +700,7 @@ mod tests {
             ),
             ("HIVEMIND_COUNTERS__MAX_KEYS", "0", "counters.max_keys"),
             ("HIVEMIND_SHUTDOWN__GRACE", "400years", "shutdown.grace"),
+            ("HIVEMIND_SERVER__THREADS", "100000", "server.threads"),
         ] {
             let err = Settings::load(&none, vars(&[(name, value)]), FlagValues::default())
                 .expect_err(&format!("{name}={value} was accepted"))
@@ -778,6 +815,29 @@ mod tests {
         let mut standalone = open;
         standalone.push(("HIVEMIND_STRATEGY".into(), "standalone".into()));
         Settings::load(&none, standalone, FlagValues::default()).unwrap();
+    }
+
+    #[test]
+    fn server_threads_default_to_the_cores_and_zero_is_the_shared_runtime() {
+        let none = SettingsFile::Default(PathBuf::from("/nonexistent"));
+        let defaults = Settings::load(&none, vars(&[]), FlagValues::default()).unwrap();
+        assert_eq!(defaults.server.threads, None);
+        assert!(defaults.server.event_loops() >= 1);
+        for (value, loops) in [("2", 2), ("0", 0)] {
+            let settings = Settings::load(
+                &none,
+                vars(&[("HIVEMIND_SERVER__THREADS", value)]),
+                FlagValues::default(),
+            )
+            .unwrap();
+            assert_eq!(settings.server.event_loops(), loops);
+        }
+        let err = Settings::load(
+            &none,
+            vars(&[("HIVEMIND_SERVER__THREADS", "-1")]),
+            FlagValues::default(),
+        );
+        assert!(err.is_err(), "negative thread count accepted");
     }
 
     #[test]

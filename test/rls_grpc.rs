@@ -420,3 +420,53 @@ async fn graceful_shutdown_returns_and_stops_listening() {
         "still accepting after shutdown"
     );
 }
+
+#[tokio::test]
+async fn two_event_loops_share_many_connections_round_robin() {
+    let server = InProc::start(RULES, |s| s.server.threads = Some(2)).await;
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        // Each client is its own HTTP/2 connection.
+        let mut client = server.client().await;
+        let r = ask(&mut client, request("test", &[&[("bulk", "x")]])).await;
+        assert_eq!(r.overall_code, OK);
+        clients.push(client);
+    }
+    for client in &mut clients {
+        let r = ask(client, request("test", &[&[("bulk", "y")]])).await;
+        assert_eq!(r.overall_code, OK, "every connection keeps being served");
+    }
+    let stats = server.admin_json("/stats").await;
+    let served = &stats["server"];
+    assert_eq!(served["model"], "thread_per_core", "{stats}");
+    assert_eq!(served["threads"], 2, "{stats}");
+    let counts: Vec<u64> = served["loops"]
+        .as_array()
+        .expect("loops")
+        .iter()
+        .map(|l| l["connections"].as_u64().expect("connections"))
+        .collect();
+    assert_eq!(counts.iter().sum::<u64>(), 8, "{stats}");
+    assert!(
+        counts.iter().all(|&n| n >= 3),
+        "both loops got connections: {stats}"
+    );
+    server.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn zero_threads_serves_on_the_shared_multi_thread_runtime() {
+    let server = InProc::start(RULES, |s| s.server.threads = Some(0)).await;
+    let addr = server.grpc_addr;
+    let mut client = server.client().await;
+    let r = ask(&mut client, request("test", &[&[("bulk", "x")]])).await;
+    assert_eq!(r.overall_code, OK);
+    let stats = server.admin_json("/stats").await;
+    assert_eq!(stats["server"]["model"], "multi_thread", "{stats}");
+    assert_eq!(stats["server"]["threads"], 0, "{stats}");
+    server.stop().await.expect("clean shutdown");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still accepting after shutdown"
+    );
+}
