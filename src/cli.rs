@@ -53,6 +53,10 @@ pub struct Cli {
     /// Validate the settings and rules, print the effective settings, and exit (0 valid, 1 not).
     #[arg(long)]
     pub check_config: bool,
+    /// Ask the server running with these settings for GET /healthcheck on its admin address,
+    /// and exit 0 if it is serving, 1 if not (a probe for containers, which have no curl).
+    #[arg(long, conflicts_with = "check_config")]
+    pub healthcheck: bool,
 }
 
 impl Cli {

@@ -10,7 +10,8 @@
 //! - [`grpc`]: the tonic service around the limiter; [`admin`]: the admin HTTP endpoints;
 //! - [`strategies`]: the one place that names the backends and builds the configured one;
 //! - [`server`]: wiring, listeners and graceful shutdown; [`event_loops`]: thread-per-core
-//!   serving of the gRPC service; [`telemetry`]: logs.
+//!   serving of the gRPC service; [`telemetry`]: logs; [`probe`]: `--healthcheck`, a probe of a
+//!   running server for containers.
 
 pub mod admin;
 pub mod cli;
@@ -18,6 +19,7 @@ pub mod event_loops;
 pub mod grpc;
 pub mod json;
 pub mod limiter;
+pub mod probe;
 pub mod proto;
 pub mod reload;
 pub mod rules;

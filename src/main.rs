@@ -30,6 +30,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if cli.check_config {
         return Ok(check_config(&settings));
     }
+    if cli.healthcheck {
+        return Ok(healthcheck(&settings));
+    }
     hivemind::telemetry::init(&settings.log);
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     runtime.block_on(async {
@@ -50,6 +53,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Ok(ExitCode::SUCCESS)
     })
 }
+
+/// Probes the admin address of these settings: exit 0 if the server there is serving.
+fn healthcheck(settings: &Settings) -> ExitCode {
+    match hivemind::probe::healthcheck(settings.admin.addr, HEALTHCHECK_TIMEOUT) {
+        Ok(answer) => {
+            print!("{}", answer.body);
+            if answer.serving() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!(
+                "hivemind: no healthcheck answer from {}: {e}",
+                hivemind::probe::probe_target(settings.admin.addr)
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// How long `--healthcheck` waits for each step of its request.
+const HEALTHCHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Prints the effective settings and validates the rules: exit 0 if both are good.
 fn check_config(settings: &Settings) -> ExitCode {

@@ -1,5 +1,5 @@
-//! The `hivemind` binary as a user runs it: `--check-config`, errors for bad settings and rules,
-//! the embedded default rules, and graceful exit on SIGTERM.
+//! The `hivemind` binary as a user runs it: `--check-config`, `--healthcheck`, errors for bad
+//! settings and rules, the embedded default rules, and graceful exit on SIGTERM.
 
 use std::process::Command;
 
@@ -108,8 +108,8 @@ fn the_embedded_rules_stand_in_when_the_default_file_is_missing() {
     assert!(stderr.contains("missing.yaml"), "{stderr}");
 }
 
-#[test]
-fn sigterm_drains_and_exits_zero() {
+/// A standalone server on free loopback ports, once it answers; its admin address.
+fn spawn_standalone() -> (std::process::Child, String) {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
     let mut child = hivemind()
@@ -131,6 +131,29 @@ fn sigterm_drains_and_exits_zero() {
         .expect("read the listening line");
     assert!(line.starts_with("listening grpc=127.0.0.1:"), "{line}");
     let admin = line.split("admin=").nth(1).unwrap().trim().to_owned();
+    (child, admin)
+}
+
+#[test]
+fn healthcheck_probes_the_running_server_by_exit_code() {
+    let (mut child, admin) = spawn_standalone();
+    let (code, stdout, stderr) = run(hivemind().args(["--healthcheck", "--admin-addr", &admin]));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.starts_with("OK\n"), "{stdout}");
+    // The same probe of an address nobody serves fails, saying where it looked.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (code, _, stderr) = run(hivemind().args(["--healthcheck", "--admin-addr", &admin]));
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains(&format!("no healthcheck answer from {admin}")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn sigterm_drains_and_exits_zero() {
+    let (child, admin) = spawn_standalone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
