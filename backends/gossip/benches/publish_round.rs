@@ -54,17 +54,18 @@ fn hit(key: String, limit: u32, enforcement: Enforcement) -> Hit {
     }
 }
 
-/// A million live cold keys (1 hit of a 1,000,000 limit: never due), and a publisher that has
-/// seen them all once.
+/// A million live cold keys (1 hit of a limit of 7: cold, but a significant change on 3 nodes),
+/// all published once by the publisher returned, so none is changed (no refresh falls due).
 fn filled(now: UnixTime) -> (LocalCounters, PeerView, Publisher) {
     let counters = LocalCounters::new(KEYS * 4);
     for i in 0..KEYS {
-        counters.check(&[hit(key(i), 1_000_000, Enforcement::Enforce)], now);
+        counters.check(&[hit(key(i), 7, Enforcement::Enforce)], now);
     }
     assert_eq!(counters.stats().live_keys, KEYS);
     let view = PeerView::default();
     let mut publisher = Publisher::new();
-    publisher.round(&counters, &view, now, BUDGET, NODES);
+    let first = publisher.round(&counters, &view, now, usize::MAX, NODES);
+    assert_eq!(first.sets.len(), KEYS);
     (counters, view, publisher)
 }
 
