@@ -150,7 +150,11 @@ fn writer_latency() {
         let batch = if i % 100 == 99 {
             [hit(key(KEYS + i), 1_000_000, Enforcement::Enforce)]
         } else {
-            [hit(key(rng as usize % KEYS), 1_000_000, Enforcement::Enforce)]
+            [hit(
+                key(rng as usize % KEYS),
+                1_000_000,
+                Enforcement::Enforce,
+            )]
         };
         let now = clock();
         let at = Instant::now();
