@@ -66,13 +66,13 @@ const RATE_DECAY: f32 = 0.7;
 /// Far below the fair share's prior ([`crate::admission::SHARE_PRIOR`]).
 const RATE_FLOOR: f32 = 0.001;
 
-/// Every key is looked at about once per this many rounds (about a second at the default 25 ms
-/// rounds), for changes that come from the peers.
-pub const SCAN_ROUNDS: usize = 40;
+/// Every key is looked at about once per this many rounds (about 10 s at the default 25 ms
+/// rounds, the cold refresh interval), for changes that come from the peers.
+pub const SCAN_ROUNDS: usize = 400;
 
 /// The fewest keys looked at per round by the scan: up to this many keys, every key is looked
 /// at every round.
-pub const SCAN_MIN_SLICE: usize = 4096;
+pub const SCAN_MIN_SLICE: usize = 1024;
 
 /// Round times remembered, to know the last round a key that went away was live in.
 const ROUND_HISTORY: usize = 1024;
@@ -116,6 +116,10 @@ struct OwnKey {
     check_at: u64,
     /// Whether it is in [`Publisher::every_round`].
     every_round: bool,
+    /// The address of its key's `Arc` in [`Publisher::keys`]: a queue entry holding another
+    /// `Arc` of the same text was left by a key that went and came back. (The entry keeps its
+    /// `Arc` alive, so the address is not reused meanwhile.)
+    key_addr: usize,
 }
 
 /// The result of one round.
@@ -186,18 +190,27 @@ fn window_end(window: u32, unit: Unit) -> u64 {
         .saturating_mul(1000)
 }
 
-/// Whether the entry `key` of a queue is the key's current one.
+/// The address [`OwnKey::key_addr`] holds.
+fn addr(key: &Arc<str>) -> usize {
+    Arc::as_ptr(key).cast::<u8>() as usize
+}
+
+/// The key's state, if the queue entry `key` is the key's current one.
 fn current<'k>(keys: &'k mut Keys, key: &Arc<str>) -> Option<&'k mut OwnKey> {
-    let (stored, _) = keys.get_key_value(&**key)?;
-    if !Arc::ptr_eq(stored, key) {
-        return None;
-    }
     keys.get_mut(&**key)
+        .filter(|state| state.key_addr == addr(key))
 }
 
 impl OwnKey {
-    fn new(hash: u64, live: &CounterSnapshot<'_>, now_millis: u32, epoch: u64) -> Self {
+    fn new(
+        key: &Arc<str>,
+        hash: u64,
+        live: &CounterSnapshot<'_>,
+        now_millis: u32,
+        epoch: u64,
+    ) -> Self {
         OwnKey {
+            key_addr: addr(key),
             hash,
             unit: live.unit,
             published: None,
@@ -387,28 +400,25 @@ impl Publisher {
         }
     }
 
-    /// Queues a look at `key` at `at` unless one is queued sooner.
+    /// Queues a look at `key` (the key's current `Arc`) at `at` unless one is queued sooner.
     fn schedule(&mut self, key: &Arc<str>, at: u64) {
-        let Some(state) = self.keys.get_mut(&**key) else {
+        let Some(state) = current(&mut self.keys, key) else {
             return;
         };
-        if at >= state.check_at {
-            return;
+        if at < state.check_at {
+            state.check_at = at;
+            self.deadlines.push(Reverse((at, key.clone())));
         }
-        state.check_at = at;
-        let key = self
-            .keys
-            .get_key_value(&**key)
-            .map_or_else(|| key.clone(), |(stored, _)| stored.clone());
-        self.deadlines.push(Reverse((at, key)));
-        // Entries left by keys that went away or were rescheduled sooner: drop them in one pass
-        // once they outnumber the keys.
+    }
+
+    /// Drops the queued looks left by keys that went away or were rescheduled sooner, in one
+    /// pass once they outnumber the keys.
+    fn compact_deadlines(&mut self) {
         if self.deadlines.len() > 2 * self.keys.len() + SCAN_MIN_SLICE {
             let keys = &self.keys;
             self.deadlines.retain(|Reverse((at, key))| {
-                keys.get_key_value(&**key).is_some_and(|(stored, state)| {
-                    Arc::ptr_eq(stored, key) && state.check_at == *at
-                })
+                keys.get(&**key)
+                    .is_some_and(|state| state.key_addr == addr(key) && state.check_at == *at)
             });
         }
     }
@@ -471,7 +481,7 @@ impl Publisher {
                             let hash = hasher.hash(live.key);
                             keys.insert(
                                 key.clone(),
-                                OwnKey::new(hash, &live, now_millis, at.epoch),
+                                OwnKey::new(&key, hash, &live, now_millis, at.epoch),
                             );
                             key
                         }
@@ -611,8 +621,12 @@ impl Publisher {
                 self.every_round.push(key.clone());
             }
             let next = state.next_check(now_ms, now_millis);
-            self.schedule(&key, next);
+            if next < state.check_at {
+                state.check_at = next;
+                self.deadlines.push(Reverse((next, key)));
+            }
         }
+        self.compact_deadlines();
         Round {
             sets,
             deletes,
@@ -921,7 +935,7 @@ mod tests {
             assert_eq!(sets, 10 * (round as usize + 1).min(5));
             // The changes, the hot keys republished unchanged, and the scan's slice.
             assert!(
-                publisher.visited() <= 50 + 200_000 / SCAN_ROUNDS,
+                publisher.visited() <= 50 + SCAN_MIN_SLICE.max(200_000 / SCAN_ROUNDS),
                 "{}",
                 publisher.visited()
             );
