@@ -176,7 +176,8 @@ struct Visit<'v> {
     cold_step: f64,
 }
 
-/// The state of a key at `now`: live, or when it stopped being live.
+/// Whether the key is live at `now`: its last known count is in the current window (or the next)
+/// and the counters have not dropped it.
 fn live(state: &OwnKey, now: UnixTime) -> bool {
     let window = window_tag(now, state.unit);
     state.gone_at == NEVER
