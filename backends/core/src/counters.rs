@@ -10,11 +10,18 @@
 //! a new key would exceed it. So a flood of distinct keys can neither exhaust memory nor switch
 //! enforcement off: every key, new or old, is still limited. Each eviction is counted in
 //! [`CounterStats`] and logged by the caller.
+//!
+//! A strategy that shares counts (gossip) asks for the keys that changed since it last asked
+//! ([`LocalCounters::drain_changes`]) instead of scanning every key. Each slot has a dirty flag:
+//! the first change after a drain flips it and pushes the key onto its shard's change list (a
+//! short mutex push); later changes only read the flag. Keys that sweeps and evictions drop are
+//! put on the list too, so the reader learns they are gone. Until the first drain nothing is
+//! tracked (slots are born dirty and never pushed), so strategies that never drain pay nothing.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::hit::{request_admitted, Decision, Enforcement, Hit};
 use crate::window::{Unit, UnixTime, Window};
@@ -53,6 +60,29 @@ struct Slot {
     /// The limit the last hit carried: lets a strategy that shares counts (gossip) rank keys by
     /// how close they are to their limit. Written only when it changes (a rules reload).
     limit: AtomicU32,
+    /// Changed since the last [`LocalCounters::drain_changes`] (and on its shard's change list).
+    /// Slots are born dirty while nobody drains, so nothing is pushed. Fits in the padding: the
+    /// slot stays 16 bytes.
+    dirty: AtomicBool,
+}
+
+/// One shard's keys that changed since the last drain, or were dropped.
+#[derive(Debug, Default)]
+struct ChangeList {
+    /// Keys in the order of their first change (or drop) since the last drain.
+    keys: Vec<Box<str>>,
+    /// The list reached the shard's size and was cleared: the next drain scans the whole shard
+    /// for dirty slots instead (dropped keys pushed meanwhile are not reported).
+    overflowed: bool,
+}
+
+/// What [`LocalCounters::drain_changes`] reports of a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CounterChange<'k> {
+    /// The key changed and is live: its current state.
+    Live(CounterSnapshot<'k>),
+    /// The key was dropped (its window ended and a sweep took it, or it was evicted).
+    Gone(&'k str),
 }
 
 /// One live counter as [`LocalCounters::for_each_live`] reports it.
@@ -85,12 +115,30 @@ pub fn window_tag(now: UnixTime, unit: Unit) -> u32 {
 }
 
 impl Slot {
-    fn new(unit: Unit, limit: u32) -> Self {
+    fn new(unit: Unit, limit: u32, dirty: bool) -> Self {
         Slot {
             state: AtomicU64::new(0),
             unit,
             limit: AtomicU32::new(limit),
+            dirty: AtomicBool::new(dirty),
         }
+    }
+
+    /// The key's state if it is live at `now` (a count above zero in the current window, or the
+    /// next one).
+    fn live<'k>(&self, key: &'k str, now: UnixTime) -> Option<CounterSnapshot<'k>> {
+        let window = window_tag(now, self.unit);
+        // SeqCst: read after the dirty flag was cleared (see `LocalCounters::mark`).
+        let (stored, count) = unpack(self.state.load(Ordering::SeqCst));
+        ((stored == window || stored == window.wrapping_add(1)) && count > 0).then(|| {
+            CounterSnapshot {
+                key,
+                unit: self.unit,
+                window: stored,
+                count,
+                limit: self.limit.load(Ordering::Relaxed),
+            }
+        })
     }
 
     /// Records the limit of a hit, writing only when it changed (no shared-line write per hit).
@@ -131,7 +179,7 @@ impl Slot {
             match self.state.compare_exchange_weak(
                 current,
                 pack(stored, after),
-                Ordering::AcqRel,
+                Ordering::SeqCst,
                 Ordering::Acquire,
             ) {
                 Ok(_) => return Ok(after),
@@ -149,7 +197,7 @@ impl Slot {
             match self.state.compare_exchange_weak(
                 current,
                 pack(stored, after),
-                Ordering::AcqRel,
+                Ordering::SeqCst,
                 Ordering::Acquire,
             ) {
                 Ok(_) => return after,
@@ -170,7 +218,7 @@ impl Slot {
             match self.state.compare_exchange_weak(
                 current,
                 pack(stored, after),
-                Ordering::AcqRel,
+                Ordering::SeqCst,
                 Ordering::Acquire,
             ) {
                 Ok(_) => return after,
@@ -211,6 +259,11 @@ pub struct LocalCounters {
     evicted: AtomicU64,
     /// Eviction passes run.
     eviction_passes: AtomicU64,
+    /// Per shard, the keys changed or dropped since the last drain (same index as `shards`).
+    changes: Box<[Mutex<ChangeList>]>,
+    /// Set by the first [`drain_changes`](Self::drain_changes): new slots are born clean (and
+    /// pushed at their first change), dropped keys are reported.
+    tracking: AtomicBool,
 }
 
 impl std::fmt::Debug for LocalCounters {
@@ -233,6 +286,11 @@ fn write(shard: &RwLock<ShardMap>) -> RwLockWriteGuard<'_, ShardMap> {
     shard.write().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Locks a change list; see [`read`].
+fn lock(list: &Mutex<ChangeList>) -> MutexGuard<'_, ChangeList> {
+    list.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl LocalCounters {
     /// Counters that hold at most `max_keys` keys (at least 1).
     pub fn new(max_keys: usize) -> Self {
@@ -250,6 +308,8 @@ impl LocalCounters {
             expired: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
             eviction_passes: AtomicU64::new(0),
+            changes: (0..shards).map(|_| Mutex::default()).collect(),
+            tracking: AtomicBool::new(false),
         }
     }
 
@@ -270,7 +330,7 @@ impl LocalCounters {
 
     /// The count of `key` in the window of `unit` containing `now` (0 if unknown).
     pub fn count(&self, key: &str, unit: Unit, now: UnixTime) -> u32 {
-        read(self.shard(key))
+        read(&self.shards[self.shard_index(key)])
             .get(key)
             .map_or(0, |slot| slot.peek(window_tag(now, unit)))
     }
@@ -305,20 +365,23 @@ impl LocalCounters {
                 slot.note_limit(limit);
                 match hit.enforcement {
                     Enforcement::Enforce | Enforcement::Quota if offset > limit => {
-                        (true, slot.peek(window))
+                        ((true, slot.peek(window)), false)
                     }
                     Enforcement::Enforce | Enforcement::Quota => {
                         match slot.try_add(window, hit.addend, limit - offset) {
-                            Ok(count) => (false, count),
-                            Err(count) => (true, count),
+                            Ok(count) => ((false, count), hit.addend > 0),
+                            Err(count) => ((true, count), false),
                         }
                     }
                     Enforcement::Shadow => {
                         let count = slot.peek(window);
                         (
-                            u64::from(offset) + u64::from(count) + u64::from(hit.addend)
-                                > u64::from(limit),
-                            count,
+                            (
+                                u64::from(offset) + u64::from(count) + u64::from(hit.addend)
+                                    > u64::from(limit),
+                                count,
+                            ),
+                            false,
                         )
                     }
                 }
@@ -341,10 +404,13 @@ impl LocalCounters {
             let reserved = hit.enforcement != Enforcement::Shadow && !decision.over_limit;
             let window = window_tag(now, hit.limit.unit);
             if admitted && !reserved {
-                decision.count = self.with_slot(hit, now, |slot| slot.add(window, hit.addend));
+                decision.count = self.with_slot(hit, now, |slot| {
+                    (slot.add(window, hit.addend), hit.addend > 0)
+                });
             } else if !admitted && reserved {
-                decision.count =
-                    self.with_slot(hit, now, |slot| slot.take_back(window, hit.addend));
+                decision.count = self.with_slot(hit, now, |slot| {
+                    (slot.take_back(window, hit.addend), hit.addend > 0)
+                });
             }
             decision.count = decision.count.saturating_add(offset_of(i));
             decision.remaining = if decision.over_limit {
@@ -361,16 +427,58 @@ impl LocalCounters {
     pub fn for_each_live(&self, now: UnixTime, mut f: impl FnMut(CounterSnapshot<'_>)) {
         for shard in self.shards.iter() {
             for (key, slot) in read(shard).iter() {
-                let window = window_tag(now, slot.unit);
-                let (stored, count) = unpack(slot.state.load(Ordering::Acquire));
-                if (stored == window || stored == window.wrapping_add(1)) && count > 0 {
-                    f(CounterSnapshot {
-                        key,
-                        unit: slot.unit,
-                        window: stored,
-                        count,
-                        limit: slot.limit.load(Ordering::Relaxed),
-                    });
+                if let Some(live) = slot.live(key, now) {
+                    f(live);
+                }
+            }
+        }
+    }
+
+    /// Calls `f` with every key that changed since the last call (its state now, if live) and
+    /// every key dropped since (by a sweep or an eviction), one shard at a time under its read
+    /// lock (keep `f` short). A key changed several times is reported once; a dropped key may be
+    /// reported twice. With `everything`, every live key is reported (and every flag cleared),
+    /// changed or not: for a reader starting afresh. The first call also turns tracking on and
+    /// reports everything.
+    ///
+    /// One reader at a time: two would split the changes between them.
+    pub fn drain_changes(
+        &self,
+        now: UnixTime,
+        everything: bool,
+        mut f: impl FnMut(CounterChange<'_>),
+    ) {
+        let everything = !self.tracking.swap(true, Ordering::SeqCst) || everything;
+        for (shard, changes) in self.shards.iter().zip(self.changes.iter()) {
+            let list = std::mem::take(&mut *lock(changes));
+            let map = read(shard);
+            if everything || list.overflowed {
+                for (key, slot) in map.iter() {
+                    // Clear the flag before reading the state (see `mark`).
+                    let dirty = slot.dirty.load(Ordering::SeqCst)
+                        && slot.dirty.swap(false, Ordering::SeqCst);
+                    if dirty || everything {
+                        if let Some(live) = slot.live(key, now) {
+                            f(CounterChange::Live(live));
+                        }
+                    }
+                }
+                for key in list.keys.iter().filter(|key| !map.contains_key(&***key)) {
+                    f(CounterChange::Gone(key));
+                }
+                continue;
+            }
+            for key in &list.keys {
+                match map.get(&**key) {
+                    Some(slot) => {
+                        // Clear the flag before reading the state (see `mark`).
+                        if slot.dirty.swap(false, Ordering::SeqCst) {
+                            if let Some(live) = slot.live(key, now) {
+                                f(CounterChange::Live(live));
+                            }
+                        }
+                    }
+                    None => f(CounterChange::Gone(key)),
                 }
             }
         }
@@ -378,47 +486,116 @@ impl LocalCounters {
 
     /// Drops every key whose window ended before `now`. Returns how many were dropped.
     pub fn sweep(&self, now: UnixTime) -> usize {
+        let tracking = self.tracking.load(Ordering::Relaxed);
         let mut dropped = 0;
-        for shard in self.shards.iter() {
+        for (shard, changes) in self.shards.iter().zip(self.changes.iter()) {
             let mut map = write(shard);
             let before = map.len();
-            map.retain(|_, slot| !slot.expired(now));
+            self.drop_where(&mut map, changes, tracking, |slot| slot.expired(now));
             dropped += before - map.len();
         }
         self.expired.fetch_add(dropped as u64, Ordering::Relaxed);
         dropped
     }
 
-    /// The shard that holds `key`.
-    fn shard(&self, key: &str) -> &RwLock<ShardMap> {
-        let hash = self.shard_hasher.hash_one(key);
-        // The high bits: the maps inside use the low ones.
-        let index = (hash >> 32) as usize & (self.shards.len() - 1);
-        &self.shards[index]
+    /// Drops the slots `gone` picks, and when tracking puts their keys on the change list.
+    fn drop_where(
+        &self,
+        map: &mut ShardMap,
+        changes: &Mutex<ChangeList>,
+        tracking: bool,
+        mut gone: impl FnMut(&Slot) -> bool,
+    ) {
+        if !tracking {
+            map.retain(|_, slot| !gone(slot));
+            return;
+        }
+        let mut dropped = Vec::new();
+        map.retain(|key, slot| {
+            let drop = gone(slot);
+            if drop {
+                dropped.push(key.clone());
+            }
+            !drop
+        });
+        if !dropped.is_empty() {
+            let mut list = lock(changes);
+            for key in dropped {
+                self.push(&mut list, key);
+            }
+        }
     }
 
-    /// Runs `op` on the slot of the hit's key, creating it (making room first if the shard is full).
-    fn with_slot<R>(&self, hit: &Hit, now: UnixTime, op: impl Fn(&Slot) -> R) -> R {
+    /// Appends to a change list, unless it outgrew the shard (then it is cleared and the next
+    /// drain scans the shard: the list never holds more keys than a shard does).
+    fn push(&self, list: &mut ChangeList, key: Box<str>) {
+        if list.overflowed {
+            return;
+        }
+        if list.keys.len() >= self.shard_cap.max(MIN_KEYS_PER_SHARD) {
+            list.keys = Vec::new();
+            list.overflowed = true;
+            return;
+        }
+        list.keys.push(key);
+    }
+
+    /// Notes that `slot` (of `key`, in shard `index`) changed: the first change since a drain
+    /// puts the key on the shard's change list; later ones only read the flag.
+    ///
+    /// The count was written (SeqCst) before the flag is read (SeqCst), and a drain clears the
+    /// flag (SeqCst) before it reads the count (SeqCst): either the drain sees this change, or
+    /// this sees the cleared flag and pushes the key for the next drain.
+    fn mark(&self, index: usize, key: &str, slot: &Slot) {
+        if slot.dirty.load(Ordering::SeqCst) || slot.dirty.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.push(&mut lock(&self.changes[index]), key.into());
+    }
+
+    /// The index of the shard that holds `key`.
+    fn shard_index(&self, key: &str) -> usize {
+        let hash = self.shard_hasher.hash_one(key);
+        // The high bits: the maps inside use the low ones.
+        (hash >> 32) as usize & (self.shards.len() - 1)
+    }
+
+    /// Runs `op` on the slot of the hit's key, creating it (making room first if the shard is
+    /// full). `op` returns its result and whether it changed the count.
+    fn with_slot<R>(&self, hit: &Hit, now: UnixTime, op: impl Fn(&Slot) -> (R, bool)) -> R {
         let key = hit.key.as_str();
-        let shard = self.shard(key);
+        let index = self.shard_index(key);
+        let shard = &self.shards[index];
         if let Some(slot) = read(shard).get(key) {
-            return op(slot);
+            let (result, changed) = op(slot);
+            if changed {
+                self.mark(index, key, slot);
+            }
+            return result;
         }
         let mut map = write(shard);
         if !map.contains_key(key) && map.len() >= self.shard_cap {
-            self.make_room(&mut map, now);
+            self.make_room(&mut map, &self.changes[index], now);
         }
-        op(map
+        // Born clean only if someone drains: otherwise dirty, never pushed.
+        let born_dirty = !self.tracking.load(Ordering::SeqCst);
+        let slot = map
             .entry(key.into())
-            .or_insert_with(|| Slot::new(hit.limit.unit, hit.limit.requests_per_unit)))
+            .or_insert_with(|| Slot::new(hit.limit.unit, hit.limit.requests_per_unit, born_dirty));
+        let (result, changed) = op(slot);
+        if changed {
+            self.mark(index, key, slot);
+        }
+        result
     }
 
     /// Frees room in a full shard: first expired windows, then, if still full, its coldest keys
     /// (lowest count in their current window) until about 1/8 of the shard is free, so the cost
     /// of a pass is spread over many new keys.
-    fn make_room(&self, map: &mut ShardMap, now: UnixTime) {
+    fn make_room(&self, map: &mut ShardMap, changes: &Mutex<ChangeList>, now: UnixTime) {
+        let tracking = self.tracking.load(Ordering::Relaxed);
         let before = map.len();
-        map.retain(|_, slot| !slot.expired(now));
+        self.drop_where(map, changes, tracking, |slot| slot.expired(now));
         let after_sweep = map.len();
         self.expired
             .fetch_add((before - after_sweep) as u64, Ordering::Relaxed);
@@ -434,12 +611,12 @@ impl LocalCounters {
         let threshold = *counts.select_nth_unstable(excess - 1).1;
         // Drop keys at or below the threshold count, no more than `excess` of them.
         let mut budget = excess;
-        map.retain(|_, slot| {
+        self.drop_where(map, changes, tracking, |slot| {
             if budget > 0 && slot.peek(window_tag(now, slot.unit)) <= threshold {
                 budget -= 1;
-                false
-            } else {
                 true
+            } else {
+                false
             }
         });
         self.evicted
@@ -679,6 +856,165 @@ mod tests {
             seen.push((c.key.to_owned(), c.unit, c.count, c.limit))
         });
         assert_eq!(seen, [("a".to_owned(), Unit::Minute, 2, 10)]);
+    }
+
+    /// Drains into (live key → count) and the gone keys.
+    fn drain(counters: &LocalCounters, now: UnixTime) -> (Vec<(String, u32)>, Vec<String>) {
+        let (mut live, mut gone) = (Vec::new(), Vec::new());
+        counters.drain_changes(now, false, |change| match change {
+            CounterChange::Live(c) => live.push((c.key.to_owned(), c.count)),
+            CounterChange::Gone(key) => gone.push(key.to_owned()),
+        });
+        live.sort();
+        gone.sort();
+        // A key dropped after a change is on the list twice.
+        gone.dedup();
+        (live, gone)
+    }
+
+    #[test]
+    fn a_slot_stays_16_bytes_with_its_dirty_flag() {
+        assert_eq!(std::mem::size_of::<Slot>(), 16);
+    }
+
+    #[test]
+    fn drains_report_each_changed_key_once_then_only_new_changes() {
+        let counters = LocalCounters::new(100);
+        let a = [hit("a", 10, Unit::Minute, 1, Enforcement::Enforce)];
+        counters.check(&a, T0);
+        counters.check(&[hit("b", 1, Unit::Minute, 1, Enforcement::Enforce)], T0);
+        // The first drain reports every live key.
+        assert_eq!(drain(&counters, T0).0, [("a".into(), 1), ("b".into(), 1)]);
+        assert_eq!(drain(&counters, T0), (vec![], vec![]));
+        // Two hits: one report, with the latest count. A rejected hit changes nothing.
+        counters.check(&a, T0);
+        counters.check(&a, T0);
+        counters.check(&[hit("b", 1, Unit::Minute, 1, Enforcement::Enforce)], T0);
+        assert_eq!(drain(&counters, T0).0, [("a".into(), 3)]);
+        // Shadow hits count, so they are changes.
+        counters.check(&[hit("b", 1, Unit::Minute, 1, Enforcement::Shadow)], T0);
+        assert_eq!(drain(&counters, T0).0, [("b".into(), 2)]);
+        // A rejected request's reservation taken back is a change too (the count is the same).
+        let batch = [
+            hit("a", 10, Unit::Minute, 1, Enforcement::Enforce),
+            hit("full", 0, Unit::Minute, 1, Enforcement::Enforce),
+        ];
+        counters.check(&batch, T0);
+        assert_eq!(drain(&counters, T0).0, [("a".into(), 3)]);
+        // `everything` reports every live key, changed or not.
+        let mut all = 0;
+        counters.drain_changes(T0, true, |_| all += 1);
+        assert_eq!(all, 2);
+    }
+
+    #[test]
+    fn swept_and_evicted_keys_are_reported_gone() {
+        let counters = LocalCounters::new(100);
+        counters.check(&[hit("sec", 5, Unit::Second, 1, Enforcement::Enforce)], T0);
+        counters.check(&[hit("min", 5, Unit::Minute, 1, Enforcement::Enforce)], T0);
+        drain(&counters, T0);
+        counters.sweep(T0.plus(std::time::Duration::from_secs(2)));
+        assert_eq!(drain(&counters, T0).1, ["sec".to_owned()]);
+        // A flood evicts the coldest keys: each is reported gone (or, if it came back, live).
+        for i in 0..300 {
+            let key = format!("flood-{i}");
+            counters.check(&[hit(&key, 5, Unit::Minute, 2, Enforcement::Enforce)], T0);
+        }
+        let (live, gone) = drain(&counters, T0);
+        let held = |key: &str| counters.count(key, Unit::Minute, T0) > 0;
+        assert_eq!(gone.contains(&"min".to_owned()), !held("min"));
+        assert!(
+            !held("min") || !live.iter().any(|(k, _)| k == "min"),
+            "unchanged"
+        );
+        for i in 0..300 {
+            let key = format!("flood-{i}");
+            let reported_live = live.iter().any(|(k, _)| *k == key);
+            assert_eq!(reported_live, held(&key), "{key}");
+            assert_eq!(gone.contains(&key), !held(&key), "{key}");
+        }
+        assert!(gone.len() >= 200, "{}", gone.len());
+    }
+
+    #[test]
+    fn nothing_is_tracked_until_someone_drains() {
+        let counters = LocalCounters::new(100);
+        for i in 0..50 {
+            let key = format!("k{i}");
+            counters.check(&[hit(&key, 5, Unit::Second, 1, Enforcement::Enforce)], T0);
+        }
+        counters.sweep(T0.plus(std::time::Duration::from_secs(2)));
+        for i in 0..50 {
+            let key = format!("k{i}");
+            counters.check(&[hit(&key, 5, Unit::Minute, 1, Enforcement::Enforce)], T0);
+        }
+        assert!(counters
+            .changes
+            .iter()
+            .all(|list| lock(list).keys.is_empty()));
+    }
+
+    #[test]
+    fn an_overflowing_change_list_falls_back_to_a_scan() {
+        let counters = LocalCounters::new(100);
+        drain(&counters, T0);
+        // Churn: more evictions and new keys than the list holds before a drain.
+        for i in 0..20_000 {
+            let key = format!("churn-{i}");
+            counters.check(&[hit(&key, 5, Unit::Minute, 1, Enforcement::Enforce)], T0);
+        }
+        assert!(lock(&counters.changes[0]).overflowed);
+        let (live, _) = drain(&counters, T0);
+        assert_eq!(live.len(), counters.stats().live_keys);
+        assert!(!lock(&counters.changes[0]).overflowed);
+        assert_eq!(drain(&counters, T0), (vec![], vec![]));
+    }
+
+    /// A drain racing writers never loses a change: after the writers stop, the last count each
+    /// drain reported for a key is the key's count.
+    #[test]
+    fn concurrent_drains_miss_no_change() {
+        let counters = Arc::new(LocalCounters::new(10_000));
+        drain(&counters, T0);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writers: Vec<_> = (0..2)
+            .map(|t| {
+                let counters = counters.clone();
+                std::thread::spawn(move || {
+                    for i in 0..20_000u32 {
+                        let key = format!("k{}", (i * 7 + t) % 64);
+                        counters.check(
+                            &[hit(&key, u32::MAX, Unit::Hour, 1, Enforcement::Enforce)],
+                            T0,
+                        );
+                    }
+                })
+            })
+            .collect();
+        let reader = {
+            let (counters, stop) = (counters.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut last = HashMap::new();
+                while !stop.load(Ordering::Relaxed) {
+                    for (key, count) in drain(&counters, T0).0 {
+                        last.insert(key, count);
+                    }
+                }
+                last
+            })
+        };
+        for writer in writers {
+            writer.join().unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        let mut last = reader.join().unwrap();
+        for (key, count) in drain(&counters, T0).0 {
+            last.insert(key, count);
+        }
+        assert_eq!(last.len(), 64);
+        for (key, count) in last {
+            assert_eq!(count, counters.count(&key, Unit::Hour, T0), "{key}");
+        }
     }
 
     #[test]

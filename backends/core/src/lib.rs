@@ -29,7 +29,7 @@ pub mod testsuite;
 pub mod window;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use counters::{window_tag, CounterSnapshot, CounterStats, LocalCounters};
+pub use counters::{window_tag, CounterChange, CounterSnapshot, CounterStats, LocalCounters};
 pub use hit::{request_admitted, Decision, Enforcement, Hit, Limit};
 pub use standalone::Standalone;
 pub use status::{CounterReport, Health, HealthState, StrategyStatus};

@@ -154,10 +154,14 @@ impl PeerView {
     }
 
     /// Records this node's own rate on a key the peers also count (keys only this node counts
-    /// need no fair share and get no slot).
-    pub fn set_own_rate(&self, hash: u64, rate: f32) {
-        if let Some(slot) = self.shards[shard_of(hash)].load().get(&hash) {
-            slot.own_rate.store(rate.to_bits(), Ordering::Relaxed);
+    /// need no fair share and get no slot). Returns whether the key has a slot.
+    pub fn set_own_rate(&self, hash: u64, rate: f32) -> bool {
+        match self.shards[shard_of(hash)].load().get(&hash) {
+            Some(slot) => {
+                slot.own_rate.store(rate.to_bits(), Ordering::Relaxed);
+                true
+            }
+            None => false,
         }
     }
 
