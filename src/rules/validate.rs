@@ -371,11 +371,8 @@ fn read_map<S: Section>(
         for (i, source) in sources.iter().enumerate() {
             untagged(source, path, "a map")?;
             let Some(source) = source.map() else {
-                let found = source.found();
-                return invalid(
-                    source,
-                    format!("{NOT_MERGEABLE}, found {found} in the list"),
-                );
+                let message = format!("{NOT_MERGEABLE}, found {} in the list", source.found());
+                return invalid(source, message);
             };
             let path = if indexed { Path::Index(&path, i) } else { path };
             *last_rank += 1;
@@ -397,16 +394,24 @@ impl<T> Default for Slot<T> {
 }
 
 impl<T> Slot<T> {
-    /// Keeps `value`, unless it is absent or a map of lower rank gave one.
-    fn offer(&mut self, rank: usize, value: Option<T>) {
+    /// Keeps `value`, unless it is absent (`None`) or a map of lower rank gave one.
+    fn offer(&mut self, rank: usize, value: impl Into<Option<T>>) {
         let lower = self.0.as_ref().is_none_or(|(kept, _)| rank < *kept);
-        if let Some(value) = value.filter(|_| lower) {
+        if let Some(value) = value.into().filter(|_| lower) {
             self.0 = Some((rank, value));
         }
     }
 
     fn get(self) -> Option<T> {
         self.0.map(|(_, value)| value)
+    }
+
+    /// The value, or the field's default (false, 0, empty) when no map gave one.
+    fn or_default(self) -> T
+    where
+        T: Default,
+    {
+        self.get().unwrap_or_default()
     }
 }
 
@@ -452,19 +457,13 @@ impl Section for DescriptorFields {
             }
             "value" => self.value.offer(rank, non_empty(string(value, path)?)),
             "rate_limit" => self.rate_limit.offer(rank, rate_limit(value, path)?),
-            "descriptors" => self.children.offer(rank, Some(list(value, path)?)),
+            "descriptors" => self.children.offer(rank, list(value, path)?),
             "metadata" => self.metadata.offer(rank, metadata(value, path)?),
-            "shadow_mode" => self.shadow_mode.offer(rank, Some(flag(value, key, path)?)),
-            "quota_mode" => self.quota_mode.offer(rank, Some(flag(value, key, path)?)),
-            "detailed_metric" => self
-                .detailed_metric
-                .offer(rank, Some(flag(value, key, path)?)),
-            "value_to_metric" => self
-                .value_to_metric
-                .offer(rank, Some(flag(value, key, path)?)),
-            _ => self
-                .share_threshold
-                .offer(rank, Some(flag(value, key, path)?)),
+            "shadow_mode" => self.shadow_mode.offer(rank, flag(value, key, path)?),
+            "quota_mode" => self.quota_mode.offer(rank, flag(value, key, path)?),
+            "detailed_metric" => self.detailed_metric.offer(rank, flag(value, key, path)?),
+            "value_to_metric" => self.value_to_metric.offer(rank, flag(value, key, path)?),
+            _ => self.share_threshold.offer(rank, flag(value, key, path)?),
         }
         Ok(())
     }
@@ -494,12 +493,10 @@ impl Section for LimitFields {
     fn field(&mut self, key: &'static str, value: &Yaml, rank: usize, path: Path) -> Result<()> {
         match key {
             "unit" => self.unit.offer(rank, unit(value, path)?),
-            "requests_per_unit" => self
-                .requests_per_unit
-                .offer(rank, Some(count(value, path)?)),
+            "requests_per_unit" => self.requests_per_unit.offer(rank, count(value, path)?),
             "name" => self.name.offer(rank, non_empty(string(value, path)?)),
-            "replaces" => self.replaces.offer(rank, Some(replaces(value, path)?)),
-            _ => self.unlimited.offer(rank, Some(flag(value, key, path)?)),
+            "replaces" => self.replaces.offer(rank, replaces(value, path)?),
+            _ => self.unlimited.offer(rank, flag(value, key, path)?),
         }
         Ok(())
     }
@@ -516,20 +513,18 @@ fn descriptor(item: &Yaml, path: Path) -> Result<Node> {
         return invalid(item, "descriptor has no key");
     };
     let value = fields.value.get();
-    let share_threshold = fields.share_threshold.get().unwrap_or(false);
+    let share_threshold = fields.share_threshold.or_default();
     if share_threshold && !value.as_deref().is_some_and(|v| v.contains('*')) {
         let composite = composite(&key, value.as_deref());
-        return invalid(
-            item,
-            format!("share_threshold needs a '*' wildcard in value (descriptor '{composite}')"),
-        );
+        let message = "share_threshold needs a '*' wildcard in value";
+        return invalid(item, format!("{message} (descriptor '{composite}')"));
     }
     let rule = fields.rate_limit.get().map(|limit| Rule {
         limit: limit.limit,
-        shadow_mode: fields.shadow_mode.get().unwrap_or(false),
-        quota_mode: fields.quota_mode.get().unwrap_or(false),
-        detailed_metric: fields.detailed_metric.get().unwrap_or(false),
-        value_to_metric: fields.value_to_metric.get().unwrap_or(false),
+        shadow_mode: fields.shadow_mode.or_default(),
+        quota_mode: fields.quota_mode.or_default(),
+        detailed_metric: fields.detailed_metric.or_default(),
+        value_to_metric: fields.value_to_metric.or_default(),
         share_threshold,
         metadata: fields.metadata.get(),
         stat_name: String::new(),
@@ -542,7 +537,7 @@ fn descriptor(item: &Yaml, path: Path) -> Result<Node> {
         value,
         share_threshold,
         rule,
-        children: fields.children.get().unwrap_or_default(),
+        children: fields.children.or_default(),
         line: item.line,
     })
 }
@@ -561,34 +556,32 @@ fn rate_limit(value: &Yaml, path: Path) -> Result<Option<Limit>> {
         return Ok(None);
     };
     let fields: LimitFields = read(map, path)?;
-    let (name, unit) = (fields.name.get(), fields.unit.get());
-    let replaces = fields.replaces.get().unwrap_or_default();
+    let (name, replaces) = (fields.name.get(), fields.replaces.or_default());
     if let Some(name) = name.as_ref().filter(|name| replaces.contains(name)) {
         return invalid(value, format!("rate limit '{name}' replaces itself"));
     }
-    if fields.unlimited.get().unwrap_or(false) {
-        if unit.is_some() {
-            return invalid(value, "unlimited rate_limit must not have a unit");
-        }
-        return Ok(Some(Limit {
+    let limit = match (fields.unlimited.or_default(), fields.unit.get()) {
+        (true, Some(_)) => return invalid(value, "unlimited rate_limit must not have a unit"),
+        (true, None) => Limit {
             limit: RateLimit::Unlimited,
             unlimited_name: name,
             unlimited_replaces: replaces,
-        }));
-    }
-    let Some(unit) = unit else {
-        return invalid(value, format!("rate_limit has no unit (expected {UNITS})"));
-    };
-    Ok(Some(Limit {
-        limit: RateLimit::Limited {
-            requests_per_unit: fields.requests_per_unit.get().unwrap_or(0),
-            unit,
-            name,
-            replaces,
         },
-        unlimited_name: None,
-        unlimited_replaces: Vec::new(),
-    }))
+        (false, None) => {
+            return invalid(value, format!("rate_limit has no unit (expected {UNITS})"))
+        }
+        (false, Some(unit)) => Limit {
+            limit: RateLimit::Limited {
+                requests_per_unit: fields.requests_per_unit.or_default(),
+                unit,
+                name,
+                replaces,
+            },
+            unlimited_name: None,
+            unlimited_replaces: Vec::new(),
+        },
+    };
+    Ok(Some(limit))
 }
 
 /// `replaces`: a list of `{name: ...}` maps, each with a non-empty name; null is empty.
