@@ -59,6 +59,13 @@ pub(crate) struct SyntaxError {
     pub(crate) message: String,
 }
 
+impl SyntaxError {
+    fn new(line: Option<usize>, message: impl Into<String>) -> Self {
+        let message = message.into();
+        SyntaxError { line, message }
+    }
+}
+
 /// Aliases may copy at most this many nodes per document ("billion laughs" guard).
 const ALIAS_BUDGET: usize = 1_000_000;
 /// Collections may nest at most this deep (serde_yaml's limit too).
@@ -80,11 +87,8 @@ fn parse_untabbed(text: &str) -> Result<Yaml<'static>, SyntaxError> {
     for _ in 0..10_000 {
         let at = match Reader::new(&patched).document() {
             Err(Fault::TabAfterColon(at)) => at,
-            result => {
-                return result
-                    .map(Yaml::into_owned)
-                    .map_err(|f| syntax_error(text, f))
-            }
+            Err(fault) => return Err(syntax_error(text, fault)),
+            Ok(root) => return Ok(root.into_owned()),
         };
         // The error points at the tab or just past it.
         let mut near = patched.char_indices().skip(at.saturating_sub(1)).take(2);
@@ -107,8 +111,7 @@ enum Fault {
 }
 
 fn refused(line: Option<usize>, message: &str) -> Fault {
-    let message = message.to_owned();
-    Fault::Refused(SyntaxError { line, message })
+    Fault::Refused(SyntaxError::new(line, message))
 }
 
 fn syntax_error(text: &str, fault: Fault) -> SyntaxError {
@@ -122,19 +125,16 @@ fn syntax_error(text: &str, fault: Fault) -> SyntaxError {
 /// serde_yaml's message and line for a text that does not parse ("invalid YAML" if it does).
 fn libyaml_error(text: &str) -> SyntaxError {
     let Err(error) = serde_yaml::from_str::<serde::de::IgnoredAny>(text) else {
-        let message = "invalid YAML".to_owned();
-        return SyntaxError {
-            line: None,
-            message,
-        };
+        return SyntaxError::new(None, "invalid YAML");
     };
-    let mut message = error.to_string();
-    if let Some(at) = error.location() {
-        let suffix = format!(" at line {} column {}", at.line(), at.column());
-        message.truncate(message.strip_suffix(&suffix).unwrap_or(&message).len());
-    }
-    let line = error.location().map(|at| at.line());
-    SyntaxError { line, message }
+    let message = error.to_string();
+    let Some(at) = error.location() else {
+        return SyntaxError::new(None, message);
+    };
+    // The line is reported apart: drop libyaml's position from the message.
+    let suffix = format!(" at line {} column {}", at.line(), at.column());
+    let message = message.strip_suffix(&suffix).unwrap_or(&message);
+    SyntaxError::new(Some(at.line()), message)
 }
 
 /// Assembles the parser's events into [`Yaml`] nodes.
