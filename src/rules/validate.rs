@@ -264,24 +264,18 @@ fn metadata(value: &Yaml, path: Path) -> Result<Option<serde_json::Value>> {
 /// a non-string key its text, a duplicate key an error.
 fn json(value: &Yaml, path: Path) -> Result<serde_json::Value> {
     use serde_json::Value as Json;
+    const KEY_NOT_STRING: &str = "'metadata' cannot be represented as JSON: key must be a string";
     let plain = match (&value.node, value.scalar()) {
-        (Shape::List(items), _) => Json::Array(
-            items
-                .iter()
-                .map(|item| json(item, path))
-                .collect::<Result<_>>()?,
-        ),
+        (Shape::List(items), _) => {
+            let items = items.iter().map(|item| json(item, path));
+            Json::Array(items.collect::<Result<_>>()?)
+        }
         (Shape::Map(entries), _) => {
             let mut map = serde_json::Map::with_capacity(entries.len());
             for (key, item) in entries {
                 let name = match key.scalar() {
                     Some(Scalar::Text(text)) => text.to_owned(),
-                    Some(Scalar::Null) | None => {
-                        return invalid(
-                            value,
-                            "'metadata' cannot be represented as JSON: key must be a string",
-                        )
-                    }
+                    Some(Scalar::Null) | None => return invalid(value, KEY_NOT_STRING),
                     Some(_) => key.found(),
                 };
                 let item = json(item, Path::Key(&path, &name))?;
