@@ -30,10 +30,8 @@ pub(crate) struct Invalid {
 type Result<T> = std::result::Result<T, Invalid>;
 
 fn invalid<T>(at: &Yaml, message: impl Into<String>) -> Result<T> {
-    Err(Invalid {
-        line: at.line,
-        message: message.into(),
-    })
+    let (line, message) = (at.line, message.into());
+    Err(Invalid { line, message })
 }
 
 /// `{what}, found {value}`: the message for a value of the wrong kind.

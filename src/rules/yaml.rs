@@ -175,14 +175,10 @@ impl<'t> Reader<'t> {
         loop {
             match self.next()? {
                 (Event::StreamEnd, span) => {
-                    let text = Cow::Borrowed("");
+                    // No document at all: a null.
+                    let (line, tag, text) = (span.start.line(), None, Cow::Borrowed(""));
                     let node = Node::Scalar { text, plain: true };
-                    let line = span.start.line();
-                    return Ok(root.unwrap_or(Yaml {
-                        line,
-                        node,
-                        tag: None,
-                    }));
+                    return Ok(root.unwrap_or(Yaml { line, node, tag }));
                 }
                 (Event::DocumentStart(_), _) if root.is_some() => {
                     let message = "deserializing from YAML containing more than one document \
@@ -265,13 +261,13 @@ impl<'t> Reader<'t> {
         if self.lines.is_empty() {
             self.lines = self.text.split('\n').collect();
         }
-        let blank = |line: usize| self.lines.get(line - 1).is_none_or(|l| l.trim().is_empty());
+        let text = |line: usize| self.lines.get(line - 1).copied().unwrap_or("");
+        let blank = |line: usize| text(line).chars().all(char::is_whitespace);
         let line = span.start.line();
-        let content = self.lines.get(line - 1).copied().unwrap_or("");
-        if !content
+        if text(line)
             .chars()
             .take(span.start.col())
-            .all(char::is_whitespace)
+            .any(|c| !c.is_whitespace())
         {
             return line;
         }
