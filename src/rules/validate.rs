@@ -8,14 +8,16 @@
 //! YAML 1.1 booleans (`yes`, `on`, ...) are accepted as yaml.v2 does; `<<` merge keys work in
 //! descriptors and rate_limits (explicit keys win, then earlier sources); strings are taken as
 //! written (`1.10`, `010`); an empty `value` or `name` counts as absent; `requests_per_unit`
-//! absent or null is 0.
+//! absent or null is 0. Where serde_yaml used to word a message (a value of the wrong type), it
+//! keeps serde's wording and the [`Path`] serde_yaml put before it.
 
 use std::collections::HashSet;
+use std::fmt;
 
 use hivemind_core::Unit;
 
 use super::matcher::{composite, Level, Node};
-use super::yaml::{Node as Shape, Scalar, Yaml};
+use super::yaml::{Entries, Node as Shape, Scalar, Yaml};
 use super::{RateLimit, Rule};
 
 /// A rules document that does not validate: the 1-based line and the message.
@@ -28,10 +30,13 @@ pub(crate) struct Invalid {
 type Result<T> = std::result::Result<T, Invalid>;
 
 fn invalid<T>(at: &Yaml, message: impl Into<String>) -> Result<T> {
-    Err(Invalid {
-        line: at.line,
-        message: message.into(),
-    })
+    let (line, message) = (at.line, message.into());
+    Err(Invalid { line, message })
+}
+
+/// `{what}, found {value}`: the message for a value of the wrong kind.
+fn wrong<T>(value: &Yaml, what: &str) -> Result<T> {
+    invalid(value, format!("{what}, found {}", value.found()))
 }
 
 /// A validated document: the domain, the line of its `domain` key, its descriptors.
@@ -41,63 +46,29 @@ pub(crate) struct Document {
     pub(crate) root: Level,
 }
 
-const DESCRIPTOR_KEYS: &[&str] = &[
-    "key",
-    "value",
-    "rate_limit",
-    "descriptors",
-    "shadow_mode",
-    "quota_mode",
-    "detailed_metric",
-    "value_to_metric",
-    "share_threshold",
-    "metadata",
-    "<<",
-];
-const RATE_LIMIT_KEYS: &[&str] = &[
-    "unit",
-    "requests_per_unit",
-    "name",
-    "replaces",
-    "unlimited",
-    "<<",
-];
 const UNITS: &str = "second, minute, hour, day, week, month or year";
 
 /// Validates a whole document.
 pub(crate) fn document(root: &Yaml) -> Result<Document> {
-    let mut path = Path::default();
-    untagged(root, &path, "a map with 'domain' and 'descriptors'")?;
-    let entries = match &root.node {
-        Shape::Map(entries) => entries,
-        _ if root.is_null() => {
-            return invalid(root, "missing domain (the file has no YAML document)")
-        }
-        _ => {
-            return invalid(
-                root,
-                format!(
-                    "a rules file must be a map with 'domain' and 'descriptors', found {}",
-                    root.found()
-                ),
-            )
-        }
+    const SHAPE: &str = "a map with 'domain' and 'descriptors'";
+    let not_a_map = "a rules file must be a map with 'domain' and 'descriptors'";
+    let Some(entries) = collection(root, Path::Root, SHAPE, not_a_map, Yaml::map)? else {
+        return invalid(root, "missing domain (the file has no YAML document)");
     };
     let (mut domain, mut domain_line, mut descriptors) = (None, 0, Level::default());
     let mut seen = 0;
     for (key, value) in entries {
         let name = section_key(key, &["domain", "descriptors"], "the rules file", &mut seen)?;
-        path.push(name);
+        let path = Path::Key(&Path::Root, name);
         if name == "domain" {
             domain_line = key.line;
-            domain = string(value, &path)?;
+            domain = string(value, path)?;
             if domain.as_deref() == Some("") {
                 return invalid(value, "domain is empty");
             }
         } else {
-            descriptors = list(value, &mut path)?;
+            descriptors = list(value, path)?;
         }
-        path.pop();
     }
     let Some(domain) = domain else {
         return invalid(root, "missing domain");
@@ -110,89 +81,38 @@ pub(crate) fn document(root: &Yaml) -> Result<Document> {
     })
 }
 
-/// Where the walk is, in serde's notation (`descriptors[0].rate_limit`), for the messages that
-/// serde_yaml used to word.
-#[derive(Default)]
-struct Path(Vec<String>);
-
-impl Path {
-    fn push(&mut self, segment: &str) {
-        self.0.push(segment.to_owned());
-    }
-
-    fn pop(&mut self) {
-        self.0.pop();
-    }
-
-    fn index(&mut self, i: usize) {
-        if let Some(last) = self.0.last_mut() {
-            last.push_str(&format!("[{i}]"));
-        }
-    }
-
-    fn unindex(&mut self) {
-        if let Some(last) = self.0.last_mut() {
-            if let Some(at) = last.rfind('[') {
-                last.truncate(at);
-            }
-        }
-    }
-
-    fn at(&self) -> String {
-        self.0.join(".")
-    }
+/// Where the walk is, in serde's notation (`descriptors[0].rate_limit`): each call gets its own
+/// on the stack, and it is only written out for a message.
+#[derive(Clone, Copy)]
+enum Path<'p> {
+    Root,
+    Key(&'p Path<'p>, &'p str),
+    Index(&'p Path<'p>, usize),
 }
 
-/// A map key of a section: a string among `keys`, not seen before (`seen` is a bit per key).
-fn section_key(
-    key: &Yaml,
-    keys: &[&'static str],
-    section: &str,
-    seen: &mut u32,
-) -> Result<&'static str> {
-    untagged(key, &Path::default(), "a key")?;
-    let Some(Scalar::Text(text)) = key.scalar() else {
-        return invalid(key, format!("key is not a string: {}", key.found()));
-    };
-    let Some(i) = keys.iter().position(|k| *k == text) else {
-        let expected: Vec<&str> = keys.iter().copied().filter(|k| *k != "<<").collect();
-        return invalid(
-            key,
-            format!(
-                "unknown key '{text}' in {section} (expected {})",
-                expected.join(", ")
-            ),
-        );
-    };
-    if *seen & (1 << i) != 0 {
-        return invalid(key, format!("key '{text}' appears twice in one {section}"));
-    }
-    *seen |= 1 << i;
-    Ok(keys[i])
-}
-
-/// A string field, as written; null is `None`.
-fn string(value: &Yaml, path: &Path) -> Result<Option<String>> {
-    match (&value.node, value.scalar()) {
-        (_, Some(Scalar::Null)) => Ok(None),
-        (Shape::Scalar { text, .. }, _) => Ok(Some(text.to_string())),
-        (Shape::List(_), _) => type_error(value, path, "sequence", "a string"),
-        (Shape::Map(_), _) => type_error(value, path, "map", "a string"),
+impl fmt::Display for Path<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Path::Root => Ok(()),
+            Path::Key(Path::Root, key) => f.write_str(key),
+            Path::Key(parent, key) => write!(f, "{parent}.{key}"),
+            Path::Index(parent, i) => write!(f, "{parent}[{i}]"),
+        }
     }
 }
 
 /// serde's wording for a node of the wrong type, with the path serde_yaml put before it.
-fn type_error<T>(value: &Yaml, path: &Path, found: &str, expected: &str) -> Result<T> {
+fn type_error<T>(value: &Yaml, path: Path, found: &str, expected: &str) -> Result<T> {
     let message = format!("invalid type: {found}, expected {expected}");
-    match path.at() {
-        at if at.is_empty() => invalid(value, message),
-        at => invalid(value, format!("{at}: {message}")),
+    match path {
+        Path::Root => invalid(value, message),
+        _ => invalid(value, format!("{path}: {message}")),
     }
 }
 
 /// Refuses a node with a tag outside the core schema (`!foo`) where the schema wants a plain
 /// value, as serde_yaml did (it reads such a node as an enum).
-fn untagged(value: &Yaml, path: &Path, expected: &str) -> Result<()> {
+fn untagged(value: &Yaml, path: Path, expected: &str) -> Result<()> {
     match value.tag {
         Some(_) => type_error(value, path, "enum", expected),
         None => Ok(()),
@@ -200,7 +120,7 @@ fn untagged(value: &Yaml, path: &Path, expected: &str) -> Result<()> {
 }
 
 /// serde_yaml's refusal of an integer beyond 64 bits.
-fn huge<T>(value: &Yaml, path: &Path, text: &str, expected: &str) -> Result<T> {
+fn huge<T>(value: &Yaml, path: Path, text: &str, expected: &str) -> Result<T> {
     let kind = if text.starts_with('-') {
         "i128"
     } else {
@@ -210,13 +130,78 @@ fn huge<T>(value: &Yaml, path: &Path, text: &str, expected: &str) -> Result<T> {
     type_error(value, path, &found, expected)
 }
 
+/// A map key of a section: a string among `keys`, not seen before (`seen` is a bit per key).
+fn section_key(
+    key: &Yaml,
+    keys: &[&'static str],
+    section: &str,
+    seen: &mut u32,
+) -> Result<&'static str> {
+    untagged(key, Path::Root, "a key")?;
+    let Some(Scalar::Text(text)) = key.scalar() else {
+        return invalid(key, format!("key is not a string: {}", key.found()));
+    };
+    let Some(i) = keys.iter().position(|k| *k == text) else {
+        let expected: Vec<&str> = keys.iter().copied().filter(|k| *k != "<<").collect();
+        let expected = expected.join(", ");
+        let message = format!("unknown key '{text}' in {section} (expected {expected})");
+        return invalid(key, message);
+    };
+    if *seen & (1 << i) != 0 {
+        return invalid(key, format!("key '{text}' appears twice in one {section}"));
+    }
+    *seen |= 1 << i;
+    Ok(keys[i])
+}
+
+/// A value that must be a map or a list (`shape` picks which, e.g. [`Yaml::map`]) or null
+/// (`None`). A tag is refused in serde's words (`expected {tagged}`), another value as
+/// `{not_shaped}, found ...`.
+fn collection<'y, 't, T: ?Sized>(
+    value: &'y Yaml<'t>,
+    path: Path,
+    tagged: &str,
+    not_shaped: &str,
+    shape: fn(&'y Yaml<'t>) -> Option<&'y T>,
+) -> Result<Option<&'y T>> {
+    untagged(value, path, tagged)?;
+    match shape(value) {
+        Some(inner) => Ok(Some(inner)),
+        None if value.is_null() => Ok(None),
+        None => wrong(value, not_shaped),
+    }
+}
+
+/// A scalar's meaning (`None` for a list or map), refusing a tag and an integer beyond 64 bits
+/// in serde's words.
+fn scalar<'y>(value: &'y Yaml, path: Path, expected: &str) -> Result<Option<Scalar<'y>>> {
+    untagged(value, path, expected)?;
+    match value.scalar() {
+        Some(Scalar::Huge(text)) => huge(value, path, text, expected),
+        scalar => Ok(scalar),
+    }
+}
+
+/// A string field, as written; null is `None`.
+fn string(value: &Yaml, path: Path) -> Result<Option<String>> {
+    match &value.node {
+        _ if value.is_null() => Ok(None),
+        Shape::Scalar { text, .. } => Ok(Some(text.to_string())),
+        Shape::List(_) => type_error(value, path, "sequence", "a string"),
+        Shape::Map(_) => type_error(value, path, "map", "a string"),
+    }
+}
+
+/// Where an empty string counts as absent (`value`, `name`, `unit`).
+fn non_empty(text: Option<String>) -> Option<String> {
+    text.filter(|text| !text.is_empty())
+}
+
 /// A boolean flag: YAML 1.1 spellings as yaml.v2 reads them; null is false.
-fn flag(value: &Yaml, field: &str, path: &Path) -> Result<bool> {
-    untagged(value, path, "true or false")?;
-    let on = match value.scalar() {
+fn flag(value: &Yaml, field: &str, path: Path) -> Result<bool> {
+    let on = match scalar(value, path, "true or false")? {
         Some(Scalar::Null) => Some(false),
         Some(Scalar::Bool(on)) => Some(on),
-        Some(Scalar::Huge(text)) => return huge(value, path, text, "true or false"),
         Some(Scalar::Text(text)) => match text {
             "y" | "Y" | "yes" | "Yes" | "YES" | "on" | "On" | "ON" | "true" | "True" | "TRUE" => {
                 Some(true)
@@ -229,97 +214,86 @@ fn flag(value: &Yaml, field: &str, path: &Path) -> Result<bool> {
     };
     match on {
         Some(on) => Ok(on),
-        None => invalid(
-            value,
-            format!("'{field}' must be true or false, found {}", value.found()),
-        ),
+        None => wrong(value, &format!("'{field}' must be true or false")),
     }
 }
 
 /// `requests_per_unit`: a whole number that fits in a u32 (a float with no fraction, like
 /// `1e3`, too, as yaml.v2 takes it); null is 0.
-fn count(value: &Yaml, path: &Path) -> Result<u32> {
+fn count(value: &Yaml, path: Path) -> Result<u32> {
     const EXPECTED: &str = "a whole number from 0 to 4294967295";
-    untagged(value, path, EXPECTED)?;
-    let n = match value.scalar() {
+    let n = match scalar(value, path, EXPECTED)? {
         Some(Scalar::Null) => Some(0),
         Some(Scalar::Unsigned(n)) => u32::try_from(n).ok(),
         Some(Scalar::Signed(n)) => u32::try_from(n).ok(),
         Some(Scalar::Float(f)) if f.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&f) => {
             Some(f as u32)
         }
-        Some(Scalar::Huge(text)) => return huge(value, path, text, EXPECTED),
         _ => None,
     };
     match n {
         Some(n) => Ok(n),
+        None => wrong(value, &format!("requests_per_unit must be {EXPECTED}")),
+    }
+}
+
+/// `unit`: one of [`UNITS`]; null or empty is none.
+fn unit(value: &Yaml, path: Path) -> Result<Option<Unit>> {
+    let Some(text) = non_empty(string(value, path)?) else {
+        return Ok(None);
+    };
+    match Unit::parse(&text) {
+        Some(unit) => Ok(Some(unit)),
         None => invalid(
             value,
-            format!(
-                "requests_per_unit must be {EXPECTED}, found {}",
-                value.found()
-            ),
+            format!("invalid rate limit unit '{text}' (expected {UNITS})"),
         ),
     }
 }
 
 /// `metadata`: any map, kept as JSON; null is none.
-fn metadata(value: &Yaml, path: &mut Path) -> Result<Option<serde_json::Value>> {
-    untagged(value, path, "a map")?;
-    match &value.node {
-        Shape::Map(_) => json(value, path).map(Some),
-        _ if value.is_null() => Ok(None),
-        _ => invalid(
-            value,
-            format!("'metadata' must be a map, found {}", value.found()),
-        ),
-    }
+fn metadata(value: &Yaml, path: Path) -> Result<Option<serde_json::Value>> {
+    let not_a_map = "'metadata' must be a map";
+    let map = collection(value, path, "a map", not_a_map, Yaml::map)?;
+    map.map(|_| json(value, path)).transpose()
 }
 
-fn json(value: &Yaml, path: &mut Path) -> Result<serde_json::Value> {
+/// A metadata node as JSON, as serde_yaml converted it: a tagged node becomes `{"!tag": node}`,
+/// a non-string key its text, a duplicate key an error.
+fn json(value: &Yaml, path: Path) -> Result<serde_json::Value> {
     use serde_json::Value as Json;
-    let plain = match &value.node {
-        Shape::List(items) => Json::Array(
-            items
-                .iter()
-                .map(|item| json(item, path))
-                .collect::<Result<_>>()?,
-        ),
-        Shape::Map(entries) => {
+    const KEY_NOT_STRING: &str = "'metadata' cannot be represented as JSON: key must be a string";
+    let plain = match (&value.node, value.scalar()) {
+        (Shape::List(items), _) => {
+            let items = items.iter().map(|item| json(item, path));
+            Json::Array(items.collect::<Result<_>>()?)
+        }
+        (Shape::Map(entries), _) => {
             let mut map = serde_json::Map::with_capacity(entries.len());
             for (key, item) in entries {
                 let name = match key.scalar() {
                     Some(Scalar::Text(text)) => text.to_owned(),
-                    Some(Scalar::Null) | None => {
-                        return invalid(
-                            value,
-                            "'metadata' cannot be represented as JSON: key must be a string",
-                        )
-                    }
+                    Some(Scalar::Null) | None => return invalid(value, KEY_NOT_STRING),
                     Some(_) => key.found(),
                 };
-                path.push(&name);
-                let item = json(item, path)?;
-                path.pop();
+                let item = json(item, Path::Key(&path, &name))?;
                 if map.contains_key(&name) {
-                    let message = format!("{}: duplicate entry with key \"{name}\"", path.at());
+                    let message = format!("{path}: duplicate entry with key \"{name}\"");
                     return invalid(value, message);
                 }
                 map.insert(name, item);
             }
             Json::Object(map)
         }
-        Shape::Scalar { .. } => match value.scalar() {
-            Some(Scalar::Bool(b)) => Json::Bool(b),
-            Some(Scalar::Unsigned(n)) => Json::from(n),
-            Some(Scalar::Signed(n)) => Json::from(n),
-            Some(Scalar::Float(f)) => {
-                serde_json::Number::from_f64(f).map_or(Json::Null, Json::Number)
-            }
-            Some(Scalar::Huge(text)) => return huge(value, path, text, "any YAML value"),
-            Some(Scalar::Text(text)) => Json::String(text.to_owned()),
-            Some(Scalar::Null) | None => Json::Null,
-        },
+        (_, Some(Scalar::Bool(b))) => Json::Bool(b),
+        (_, Some(Scalar::Unsigned(n))) => Json::from(n),
+        (_, Some(Scalar::Signed(n))) => Json::from(n),
+        (_, Some(Scalar::Float(f))) => {
+            serde_json::Number::from_f64(f).map_or(Json::Null, Json::Number)
+        }
+        (_, Some(Scalar::Huge(text))) => return huge(value, path, text, "any YAML value"),
+        (_, Some(Scalar::Text(text))) => Json::String(text.to_owned()),
+        (_, Some(Scalar::Null) | None) => Json::Null,
     };
     Ok(match &value.tag {
         Some(tag) => serde_json::json!({ tag.clone(): plain }),
@@ -328,24 +302,14 @@ fn json(value: &Yaml, path: &mut Path) -> Result<serde_json::Value> {
 }
 
 /// A `descriptors` list: one level of the tree; null is empty.
-fn list(value: &Yaml, path: &mut Path) -> Result<Level> {
-    untagged(value, path, "a list of descriptors")?;
-    let items = match &value.node {
-        Shape::List(items) => items,
-        _ if value.is_null() => return Ok(Level::default()),
-        _ => {
-            return invalid(
-                value,
-                format!("'descriptors' must be a list, found {}", value.found()),
-            )
-        }
-    };
+fn list(value: &Yaml, path: Path) -> Result<Level> {
+    let not_a_list = "'descriptors' must be a list";
+    let items = collection(value, path, "a list of descriptors", not_a_list, Yaml::list)?;
+    let items = items.unwrap_or_default();
     let mut siblings = HashSet::with_capacity(items.len());
     let mut nodes = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
-        path.index(i);
-        let node = descriptor(item, path)?;
-        path.unindex();
+        let node = descriptor(item, Path::Index(&path, i))?;
         if !siblings.insert(node.composite()) {
             return invalid(item, format!("duplicate descriptor '{}'", node.composite()));
         }
@@ -354,191 +318,207 @@ fn list(value: &Yaml, path: &mut Path) -> Result<Level> {
     Ok(Level::new(nodes))
 }
 
-/// The fields of one descriptor map (with its `<<` sources), before validation as a whole.
+/// A map section that takes `<<` merge keys (a descriptor, a rate_limit), read by [`read`].
+trait Section: Default {
+    /// The keys it takes, `<<` included.
+    const KEYS: &'static [&'static str];
+    /// What messages call it.
+    const NAME: &'static str;
+    /// Validates `value` as the field `key`, written in a map of this `rank` (see [`Slot`]).
+    fn field(&mut self, key: &'static str, value: &Yaml, rank: usize, path: Path) -> Result<()>;
+}
+
+/// Reads a section's map key by key, in file order, with its `<<` sources where the `<<` is.
+fn read<S: Section>(map: &Entries, path: Path) -> Result<S> {
+    let mut fields = S::default();
+    read_map(&mut fields, map, path, 0, &mut 0)?;
+    Ok(fields)
+}
+
+/// Reads one map of a section, of rank `rank`; each `<<` source (a map, or a list of maps) gets
+/// the next rank (`last_rank` counts them), so the ranks follow the sources in pre-order.
+fn read_map<S: Section>(
+    fields: &mut S,
+    map: &Entries,
+    path: Path,
+    rank: usize,
+    last_rank: &mut usize,
+) -> Result<()> {
+    const NOT_MERGEABLE: &str = "'<<' must merge a map or a list of maps";
+    let mut seen = 0;
+    for (key, value) in map {
+        let key = section_key(key, S::KEYS, S::NAME, &mut seen)?;
+        let path = Path::Key(&path, key);
+        if key != "<<" {
+            fields.field(key, value, rank, path)?;
+            continue;
+        }
+        untagged(value, path, "a map or a list of maps")?;
+        // One map is merged as a list of one, except that its path has no index.
+        let (sources, indexed) = match &value.node {
+            Shape::Map(_) => (std::slice::from_ref(value), false),
+            Shape::List(items) => (&items[..], true),
+            Shape::Scalar { .. } => return wrong(value, NOT_MERGEABLE),
+        };
+        for (i, source) in sources.iter().enumerate() {
+            untagged(source, path, "a map")?;
+            let Some(source) = source.map() else {
+                let message = format!("{NOT_MERGEABLE}, found {} in the list", source.found());
+                return invalid(source, message);
+            };
+            let path = if indexed { Path::Index(&path, i) } else { path };
+            *last_rank += 1;
+            read_map(fields, source, path, *last_rank, last_rank)?;
+        }
+    }
+    Ok(())
+}
+
+/// A field of a [`Section`]: the value kept so far and the rank of the map it came from. The
+/// lowest rank wins: the section's own map is 0 and its `<<` sources count up in pre-order, so
+/// an explicit key beats merged ones, then an earlier source (with its own sources) a later one.
+struct Slot<T>(Option<(usize, T)>);
+
+impl<T> Default for Slot<T> {
+    fn default() -> Self {
+        Slot(None)
+    }
+}
+
+impl<T> Slot<T> {
+    /// Keeps `value`, unless it is absent (`None`) or a map of lower rank gave one.
+    fn offer(&mut self, rank: usize, value: impl Into<Option<T>>) {
+        let lower = self.0.as_ref().is_none_or(|(kept, _)| rank < *kept);
+        if let Some(value) = value.into().filter(|_| lower) {
+            self.0 = Some((rank, value));
+        }
+    }
+
+    fn get(self) -> Option<T> {
+        self.0.map(|(_, value)| value)
+    }
+
+    /// The value, or the field's default (false, 0, empty) when no map gave one.
+    fn or_default(self) -> T
+    where
+        T: Default,
+    {
+        self.get().unwrap_or_default()
+    }
+}
+
+/// The fields of one descriptor map, with its `<<` sources.
 #[derive(Default)]
 struct DescriptorFields {
-    key: Option<String>,
-    value: Option<String>,
-    rate_limit: Option<Limit>,
-    children: Option<Level>,
-    shadow_mode: Option<bool>,
-    quota_mode: Option<bool>,
-    detailed_metric: Option<bool>,
-    value_to_metric: Option<bool>,
-    share_threshold: Option<bool>,
-    metadata: Option<serde_json::Value>,
-}
-
-/// The fields of one rate_limit map (with its `<<` sources).
-#[derive(Default)]
-struct LimitFields {
-    unit: Option<Unit>,
-    requests_per_unit: Option<u32>,
-    name: Option<String>,
-    replaces: Option<Vec<String>>,
-    unlimited: Option<bool>,
-}
-
-/// A map section read key by key; `<<` sources fill what the map itself leaves unset.
-trait Section: Default {
-    const KEYS: &'static [&'static str];
-    const NAME: &'static str;
-    fn field(&mut self, key: &'static str, value: &Yaml, path: &mut Path) -> Result<()>;
-    fn fill_from(&mut self, source: Self);
-
-    fn read(map: &[(Yaml, Yaml)], path: &mut Path) -> Result<Self> {
-        let (mut fields, mut sources, mut seen) = (Self::default(), Vec::new(), 0);
-        for (key, value) in map {
-            let key = section_key(key, Self::KEYS, Self::NAME, &mut seen)?;
-            path.push(key);
-            if key == "<<" {
-                sources = merge_sources::<Self>(value, path)?;
-            } else {
-                fields.field(key, value, path)?;
-            }
-            path.pop();
-        }
-        for source in sources {
-            fields.fill_from(source);
-        }
-        Ok(fields)
-    }
-}
-
-/// The value of a `<<` key: a map, or a list of maps (earlier ones win).
-fn merge_sources<S: Section>(value: &Yaml, path: &mut Path) -> Result<Vec<S>> {
-    const WRONG: &str = "'<<' must merge a map or a list of maps, found";
-    untagged(value, path, "a map or a list of maps")?;
-    match &value.node {
-        Shape::Map(map) => Ok(vec![S::read(map, path)?]),
-        Shape::List(items) => items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| match &item.node {
-                _ if item.tag.is_some() => untagged(item, path, "a map").map(|()| S::default()),
-                Shape::Map(map) => {
-                    path.index(i);
-                    let source = S::read(map, path);
-                    path.unindex();
-                    source
-                }
-                _ => invalid(item, format!("{WRONG} {} in the list", item.found())),
-            })
-            .collect(),
-        Shape::Scalar { .. } => invalid(value, format!("{WRONG} {}", value.found())),
-    }
-}
-
-fn fill<T>(mine: &mut Option<T>, theirs: Option<T>) {
-    if mine.is_none() {
-        *mine = theirs;
-    }
+    key: Slot<String>,
+    value: Slot<String>,
+    rate_limit: Slot<Limit>,
+    children: Slot<Level>,
+    shadow_mode: Slot<bool>,
+    quota_mode: Slot<bool>,
+    detailed_metric: Slot<bool>,
+    value_to_metric: Slot<bool>,
+    share_threshold: Slot<bool>,
+    metadata: Slot<serde_json::Value>,
 }
 
 impl Section for DescriptorFields {
-    const KEYS: &'static [&'static str] = DESCRIPTOR_KEYS;
+    const KEYS: &'static [&'static str] = &[
+        "key",
+        "value",
+        "rate_limit",
+        "descriptors",
+        "shadow_mode",
+        "quota_mode",
+        "detailed_metric",
+        "value_to_metric",
+        "share_threshold",
+        "metadata",
+        "<<",
+    ];
     const NAME: &'static str = "descriptor";
 
-    fn field(&mut self, key: &'static str, value: &Yaml, path: &mut Path) -> Result<()> {
+    fn field(&mut self, key: &'static str, value: &Yaml, rank: usize, path: Path) -> Result<()> {
         match key {
             "key" => {
                 let key = string(value, path)?;
                 if key.as_deref() == Some("") {
                     return invalid(value, "descriptor has empty key");
                 }
-                self.key = key;
+                self.key.offer(rank, key);
             }
-            "value" => self.value = string(value, path)?.filter(|v| !v.is_empty()),
-            "rate_limit" => self.rate_limit = rate_limit(value, path)?,
-            "descriptors" => self.children = Some(list(value, path)?),
-            "metadata" => self.metadata = metadata(value, path)?,
-            "shadow_mode" => self.shadow_mode = Some(flag(value, key, path)?),
-            "quota_mode" => self.quota_mode = Some(flag(value, key, path)?),
-            "detailed_metric" => self.detailed_metric = Some(flag(value, key, path)?),
-            "value_to_metric" => self.value_to_metric = Some(flag(value, key, path)?),
-            _ => self.share_threshold = Some(flag(value, key, path)?),
+            "value" => self.value.offer(rank, non_empty(string(value, path)?)),
+            "rate_limit" => self.rate_limit.offer(rank, rate_limit(value, path)?),
+            "descriptors" => self.children.offer(rank, list(value, path)?),
+            "metadata" => self.metadata.offer(rank, metadata(value, path)?),
+            "shadow_mode" => self.shadow_mode.offer(rank, flag(value, key, path)?),
+            "quota_mode" => self.quota_mode.offer(rank, flag(value, key, path)?),
+            "detailed_metric" => self.detailed_metric.offer(rank, flag(value, key, path)?),
+            "value_to_metric" => self.value_to_metric.offer(rank, flag(value, key, path)?),
+            _ => self.share_threshold.offer(rank, flag(value, key, path)?),
         }
         Ok(())
-    }
-
-    fn fill_from(&mut self, source: Self) {
-        fill(&mut self.key, source.key);
-        fill(&mut self.value, source.value);
-        fill(&mut self.rate_limit, source.rate_limit);
-        fill(&mut self.children, source.children);
-        fill(&mut self.shadow_mode, source.shadow_mode);
-        fill(&mut self.quota_mode, source.quota_mode);
-        fill(&mut self.detailed_metric, source.detailed_metric);
-        fill(&mut self.value_to_metric, source.value_to_metric);
-        fill(&mut self.share_threshold, source.share_threshold);
-        fill(&mut self.metadata, source.metadata);
     }
 }
 
+/// The fields of one rate_limit map, with its `<<` sources.
+#[derive(Default)]
+struct LimitFields {
+    unit: Slot<Unit>,
+    requests_per_unit: Slot<u32>,
+    name: Slot<String>,
+    replaces: Slot<Vec<String>>,
+    unlimited: Slot<bool>,
+}
+
 impl Section for LimitFields {
-    const KEYS: &'static [&'static str] = RATE_LIMIT_KEYS;
+    const KEYS: &'static [&'static str] = &[
+        "unit",
+        "requests_per_unit",
+        "name",
+        "replaces",
+        "unlimited",
+        "<<",
+    ];
     const NAME: &'static str = "rate_limit";
 
-    fn field(&mut self, key: &'static str, value: &Yaml, path: &mut Path) -> Result<()> {
+    fn field(&mut self, key: &'static str, value: &Yaml, rank: usize, path: Path) -> Result<()> {
         match key {
-            "unit" => {
-                let unit = match string(value, path)?.filter(|u| !u.is_empty()) {
-                    None => None,
-                    Some(text) => match Unit::parse(&text) {
-                        Some(unit) => Some(unit),
-                        None => {
-                            let message =
-                                format!("invalid rate limit unit '{text}' (expected {UNITS})");
-                            return invalid(value, message);
-                        }
-                    },
-                };
-                self.unit = unit;
-            }
-            "requests_per_unit" => self.requests_per_unit = Some(count(value, path)?),
-            "name" => self.name = string(value, path)?.filter(|n| !n.is_empty()),
-            "replaces" => self.replaces = Some(replaces(value, path)?),
-            _ => self.unlimited = Some(flag(value, key, path)?),
+            "unit" => self.unit.offer(rank, unit(value, path)?),
+            "requests_per_unit" => self.requests_per_unit.offer(rank, count(value, path)?),
+            "name" => self.name.offer(rank, non_empty(string(value, path)?)),
+            "replaces" => self.replaces.offer(rank, replaces(value, path)?),
+            _ => self.unlimited.offer(rank, flag(value, key, path)?),
         }
         Ok(())
-    }
-
-    fn fill_from(&mut self, source: Self) {
-        fill(&mut self.unit, source.unit);
-        fill(&mut self.requests_per_unit, source.requests_per_unit);
-        fill(&mut self.name, source.name);
-        fill(&mut self.replaces, source.replaces);
-        fill(&mut self.unlimited, source.unlimited);
     }
 }
 
 /// One element of a `descriptors` list, validated as a whole (its siblings are the caller's).
-fn descriptor(item: &Yaml, path: &mut Path) -> Result<Node> {
+fn descriptor(item: &Yaml, path: Path) -> Result<Node> {
     untagged(item, path, "a descriptor map")?;
-    let Shape::Map(map) = &item.node else {
+    let Some(map) = item.map() else {
         return invalid(item, format!("list element is not a map: {}", item.found()));
     };
-    let fields = DescriptorFields::read(map, path)?;
-    let Some(key) = fields.key else {
+    let fields: DescriptorFields = read(map, path)?;
+    let Some(key) = fields.key.get() else {
         return invalid(item, "descriptor has no key");
     };
-    let value = fields.value;
-    let share_threshold = fields.share_threshold.unwrap_or(false);
+    let value = fields.value.get();
+    let share_threshold = fields.share_threshold.or_default();
     if share_threshold && !value.as_deref().is_some_and(|v| v.contains('*')) {
         let composite = composite(&key, value.as_deref());
-        return invalid(
-            item,
-            format!("share_threshold needs a '*' wildcard in value (descriptor '{composite}')"),
-        );
+        let message = "share_threshold needs a '*' wildcard in value";
+        return invalid(item, format!("{message} (descriptor '{composite}')"));
     }
-    let rule = fields.rate_limit.map(|limit| Rule {
+    let rule = fields.rate_limit.get().map(|limit| Rule {
         limit: limit.limit,
-        shadow_mode: fields.shadow_mode.unwrap_or(false),
-        quota_mode: fields.quota_mode.unwrap_or(false),
-        detailed_metric: fields.detailed_metric.unwrap_or(false),
-        value_to_metric: fields.value_to_metric.unwrap_or(false),
+        shadow_mode: fields.shadow_mode.or_default(),
+        quota_mode: fields.quota_mode.or_default(),
+        detailed_metric: fields.detailed_metric.or_default(),
+        value_to_metric: fields.value_to_metric.or_default(),
         share_threshold,
-        metadata: fields.metadata,
+        metadata: fields.metadata.get(),
         stat_name: String::new(),
         line: item.line,
         unlimited_name: limit.unlimited_name,
@@ -549,7 +529,7 @@ fn descriptor(item: &Yaml, path: &mut Path) -> Result<Node> {
         value,
         share_threshold,
         rule,
-        children: fields.children.unwrap_or_default(),
+        children: fields.children.or_default(),
         line: item.line,
     })
 }
@@ -562,81 +542,64 @@ struct Limit {
 }
 
 /// A descriptor's `rate_limit` map, merged and validated where it is written; null is none.
-fn rate_limit(value: &Yaml, path: &mut Path) -> Result<Option<Limit>> {
-    untagged(value, path, "a rate_limit map")?;
-    let map = match &value.node {
-        Shape::Map(map) => map,
-        _ if value.is_null() => return Ok(None),
-        _ => {
-            let message = format!("'rate_limit' must be a map, found {}", value.found());
-            return invalid(value, message);
-        }
+fn rate_limit(value: &Yaml, path: Path) -> Result<Option<Limit>> {
+    let not_a_map = "'rate_limit' must be a map";
+    let Some(map) = collection(value, path, "a rate_limit map", not_a_map, Yaml::map)? else {
+        return Ok(None);
     };
-    let fields = LimitFields::read(map, path)?;
-    let replaces = fields.replaces.unwrap_or_default();
-    if let Some(name) = fields.name.as_ref().filter(|name| replaces.contains(name)) {
+    let fields: LimitFields = read(map, path)?;
+    let (name, replaces) = (fields.name.get(), fields.replaces.or_default());
+    if let Some(name) = name.as_ref().filter(|name| replaces.contains(name)) {
         return invalid(value, format!("rate limit '{name}' replaces itself"));
     }
-    if fields.unlimited.unwrap_or(false) {
-        if fields.unit.is_some() {
-            return invalid(value, "unlimited rate_limit must not have a unit");
-        }
-        return Ok(Some(Limit {
+    let limit = match (fields.unlimited.or_default(), fields.unit.get()) {
+        (true, Some(_)) => return invalid(value, "unlimited rate_limit must not have a unit"),
+        (true, None) => Limit {
             limit: RateLimit::Unlimited,
-            unlimited_name: fields.name,
+            unlimited_name: name,
             unlimited_replaces: replaces,
-        }));
-    }
-    let Some(unit) = fields.unit else {
-        return invalid(value, format!("rate_limit has no unit (expected {UNITS})"));
-    };
-    Ok(Some(Limit {
-        limit: RateLimit::Limited {
-            requests_per_unit: fields.requests_per_unit.unwrap_or(0),
-            unit,
-            name: fields.name,
-            replaces,
         },
-        unlimited_name: None,
-        unlimited_replaces: Vec::new(),
-    }))
+        (false, None) => {
+            return invalid(value, format!("rate_limit has no unit (expected {UNITS})"))
+        }
+        (false, Some(unit)) => Limit {
+            limit: RateLimit::Limited {
+                requests_per_unit: fields.requests_per_unit.or_default(),
+                unit,
+                name,
+                replaces,
+            },
+            unlimited_name: None,
+            unlimited_replaces: Vec::new(),
+        },
+    };
+    Ok(Some(limit))
 }
 
 /// `replaces`: a list of `{name: ...}` maps, each with a non-empty name; null is empty.
-fn replaces(value: &Yaml, path: &mut Path) -> Result<Vec<String>> {
-    untagged(value, path, "a list of {name: ...} maps")?;
-    let items = match &value.node {
-        Shape::List(items) => items,
-        _ if value.is_null() => return Ok(Vec::new()),
-        _ => {
-            let found = value.found();
-            let message = format!("'replaces' must be a list of {{name: ...}} maps, found {found}");
-            return invalid(value, message);
-        }
-    };
+fn replaces(value: &Yaml, path: Path) -> Result<Vec<String>> {
+    const SHAPE: &str = "a list of {name: ...} maps";
+    let not_a_list = "'replaces' must be a list of {name: ...} maps";
+    let items = collection(value, path, SHAPE, not_a_list, Yaml::list)?.unwrap_or_default();
     let mut names = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
-        path.index(i);
+        let path = Path::Index(&path, i);
         untagged(item, path, "a {name: ...} map")?;
-        let Shape::Map(map) = &item.node else {
+        let Some(map) = item.map() else {
             return invalid(item, format!("list element is not a map: {}", item.found()));
         };
-        let mut name = None;
-        let mut seen = 0;
+        let (mut name, mut seen) = (None, 0);
         for (key, value) in map {
             section_key(key, &["name"], "replaces entry", &mut seen)?;
-            path.push("name");
-            name = string(value, path)?;
-            path.pop();
+            name = string(value, Path::Key(&path, "name"))?;
             if name.as_deref() == Some("") {
                 return invalid(value, "replaces entry has an empty name");
             }
         }
-        path.unindex();
-        match name {
-            Some(name) => names.push(name),
-            None => return invalid(item, "replaces entry has an empty name"),
-        }
+        let Some(name) = name else {
+            return invalid(item, "replaces entry has an empty name");
+        };
+        names.push(name);
     }
     Ok(names)
 }

@@ -1,6 +1,6 @@
 //! The parse pass: YAML text → a tree of [`Yaml`] nodes, each with the line it starts on.
 //!
-//! saphyr-parser turns the text into events, each with its span; this module assembles them into
+//! saphyr-parser turns the text into events, each with its span; [`Reader`] assembles them into
 //! a tree that keeps what validation needs and serde_yaml would lose: every node's line, map
 //! entries in file order with duplicate keys kept, and scalars as written (`1.10`, `010`), with
 //! their style so that a plain `~` is null and a quoted `'~'` is text. Aliases are replaced by a
@@ -11,7 +11,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-use saphyr_parser::{Event, Parser, ScalarStyle, Span, Tag};
+use saphyr_parser::{Event, Parser, ScalarStyle, Span, StrInput, Tag};
 
 /// One YAML node and the 1-based line it starts on (for an anchored node, the anchor's line).
 #[derive(Debug, Clone)]
@@ -21,6 +21,9 @@ pub(crate) struct Yaml<'t> {
     /// A tag outside the core schema (`!foo`), which metadata keeps as `{"!foo": value}`.
     pub(crate) tag: Option<String>,
 }
+
+/// The entries of a map, in file order; a key written twice stays twice.
+pub(crate) type Entries<'t> = [(Yaml<'t>, Yaml<'t>)];
 
 /// The shape of a [`Yaml`] node.
 #[derive(Debug, Clone)]
@@ -32,7 +35,6 @@ pub(crate) enum Node<'t> {
         plain: bool,
     },
     List(Vec<Yaml<'t>>),
-    /// Entries in file order; a key written twice stays twice.
     Map(Vec<(Yaml<'t>, Yaml<'t>)>),
 }
 
@@ -57,6 +59,13 @@ pub(crate) struct SyntaxError {
     pub(crate) message: String,
 }
 
+impl SyntaxError {
+    fn new(line: Option<usize>, message: impl Into<String>) -> Self {
+        let message = message.into();
+        SyntaxError { line, message }
+    }
+}
+
 /// Aliases may copy at most this many nodes per document ("billion laughs" guard).
 const ALIAS_BUDGET: usize = 1_000_000;
 /// Collections may nest at most this deep (serde_yaml's limit too).
@@ -64,7 +73,7 @@ const MAX_DEPTH: usize = 128;
 
 /// Parses one document. A text with no document at all reads as a null at its last line.
 pub(crate) fn parse(text: &str) -> Result<Yaml<'_>, SyntaxError> {
-    match read(text) {
+    match Reader::new(text).document() {
         Err(Fault::TabAfterColon(_)) => parse_untabbed(text),
         result => result.map_err(|fault| syntax_error(text, fault)),
     }
@@ -76,99 +85,80 @@ pub(crate) fn parse(text: &str) -> Result<Yaml<'_>, SyntaxError> {
 fn parse_untabbed(text: &str) -> Result<Yaml<'static>, SyntaxError> {
     let mut patched = text.to_owned();
     for _ in 0..10_000 {
-        match read(&patched) {
-            Err(Fault::TabAfterColon(at)) => {
-                // The error points at the tab or just past it.
-                let tab = patched
-                    .char_indices()
-                    .skip(at.saturating_sub(1))
-                    .take(2)
-                    .find(|&(_, c)| c == '\t');
-                match tab {
-                    Some((byte, _)) => patched.replace_range(byte..=byte, " "),
-                    None => break,
-                }
-            }
-            result => {
-                return result
-                    .map(Yaml::into_owned)
-                    .map_err(|f| syntax_error(text, f))
-            }
-        }
+        let at = match Reader::new(&patched).document() {
+            Err(Fault::TabAfterColon(at)) => at,
+            Err(fault) => return Err(syntax_error(text, fault)),
+            Ok(root) => return Ok(root.into_owned()),
+        };
+        // The error points at the tab or just past it.
+        let mut near = patched.char_indices().skip(at.saturating_sub(1)).take(2);
+        let Some((tab, _)) = near.find(|&(_, c)| c == '\t') else {
+            break;
+        };
+        patched.replace_range(tab..=tab, " ");
     }
     Err(syntax_error(text, Fault::Syntax))
 }
 
-fn read(text: &str) -> Result<Yaml<'_>, Fault> {
-    let mut reader = Reader {
-        parser: Parser::new_from_str(text),
-        anchors: HashMap::new(),
-        alias_budget: ALIAS_BUDGET,
-        text,
-        line_starts: Vec::new(),
-    };
-    reader.document()
-}
-
-fn syntax_error(text: &str, fault: Fault) -> SyntaxError {
-    match fault {
-        // libyaml's wording (serde_yaml's, before this reader) for the same mistake.
-        Fault::Syntax => libyaml_error(text).unwrap_or(SyntaxError {
-            line: None,
-            message: "invalid YAML".to_owned(),
-        }),
-        Fault::TabAfterColon(_) => SyntaxError {
-            line: None,
-            message: "invalid YAML".to_owned(),
-        },
-        Fault::Reader { line, message } => SyntaxError { line, message },
-    }
-}
-
-/// serde_yaml's message and line for a text that does not parse, if it agrees that it does not.
-fn libyaml_error(text: &str) -> Option<SyntaxError> {
-    let err = serde_yaml::from_str::<serde::de::IgnoredAny>(text).err()?;
-    let line = err.location().map(|at| at.line());
-    let mut message = err.to_string();
-    if let Some(at) = err.location() {
-        let suffix = format!(" at line {} column {}", at.line(), at.column());
-        if let Some(stripped) = message.strip_suffix(&suffix) {
-            message = stripped.to_owned();
-        }
-    }
-    Some(SyntaxError { line, message })
-}
-
+/// Why a text could not be read.
 enum Fault {
-    /// The scanner or parser refused the text.
+    /// The scanner or parser refused it.
     Syntax,
     /// A tab right after `:`, at this character index.
     TabAfterColon(usize),
     /// Parsed, but not a document this reader takes (a second document, an unknown alias, ...).
-    Reader {
-        line: Option<usize>,
-        message: String,
-    },
+    Refused(SyntaxError),
 }
 
-fn fault(line: usize, message: &str) -> Fault {
-    Fault::Reader {
-        line: Some(line),
-        message: message.to_owned(),
+fn refused(line: Option<usize>, message: &str) -> Fault {
+    Fault::Refused(SyntaxError::new(line, message))
+}
+
+fn syntax_error(text: &str, fault: Fault) -> SyntaxError {
+    match fault {
+        Fault::Refused(error) => error,
+        // libyaml's wording (serde_yaml's, before this reader) for the same mistake.
+        Fault::Syntax | Fault::TabAfterColon(_) => libyaml_error(text),
     }
 }
 
+/// serde_yaml's message and line for a text that does not parse ("invalid YAML" if it does).
+fn libyaml_error(text: &str) -> SyntaxError {
+    let Err(error) = serde_yaml::from_str::<serde::de::IgnoredAny>(text) else {
+        return SyntaxError::new(None, "invalid YAML");
+    };
+    let message = error.to_string();
+    let Some(at) = error.location() else {
+        return SyntaxError::new(None, message);
+    };
+    // The line is reported apart: drop libyaml's position from the message.
+    let suffix = format!(" at line {} column {}", at.line(), at.column());
+    let message = message.strip_suffix(&suffix).unwrap_or(&message);
+    SyntaxError::new(Some(at.line()), message)
+}
+
+/// Assembles the parser's events into [`Yaml`] nodes.
 struct Reader<'t> {
-    parser: Parser<'t, saphyr_parser::StrInput<'t>>,
+    parser: Parser<'t, StrInput<'t>>,
     /// Anchor id → the anchored node and its node count.
     anchors: HashMap<usize, (Yaml<'t>, usize)>,
     alias_budget: usize,
     text: &'t str,
-    /// Byte offset of each line, worked out at the first block scalar.
-    line_starts: Vec<usize>,
+    /// The text's lines, split at the first block scalar.
+    lines: Vec<&'t str>,
 }
 
 impl<'t> Reader<'t> {
+    fn new(text: &'t str) -> Self {
+        Reader {
+            parser: Parser::new_from_str(text),
+            anchors: HashMap::new(),
+            alias_budget: ALIAS_BUDGET,
+            text,
+            lines: Vec::new(),
+        }
+    }
+
     fn next(&mut self) -> Result<(Event<'t>, Span), Fault> {
         match self.parser.next_event() {
             Some(Ok(event)) => Ok(event),
@@ -183,32 +173,24 @@ impl<'t> Reader<'t> {
     fn document(&mut self) -> Result<Yaml<'t>, Fault> {
         let mut root = None;
         loop {
-            let (event, span) = self.next()?;
-            match event {
-                Event::StreamEnd => {
-                    return Ok(root.unwrap_or(Yaml {
-                        line: span.start.line(),
-                        node: Node::Scalar {
-                            text: Cow::Borrowed(""),
-                            plain: true,
-                        },
-                        tag: None,
-                    }))
+            match self.next()? {
+                (Event::StreamEnd, span) => {
+                    // No document at all: a null.
+                    let (line, tag, text) = (span.start.line(), None, Cow::Borrowed(""));
+                    let node = Node::Scalar { text, plain: true };
+                    return Ok(root.unwrap_or(Yaml { line, node, tag }));
                 }
-                Event::DocumentStart(_) if root.is_some() => {
-                    return Err(Fault::Reader {
-                        line: None,
-                        message: "deserializing from YAML containing more than one document \
-                                  is not supported"
-                            .to_owned(),
-                    })
+                (Event::DocumentStart(_), _) if root.is_some() => {
+                    let message = "deserializing from YAML containing more than one document \
+                                   is not supported";
+                    return Err(refused(None, message));
                 }
-                Event::DocumentStart(_) => {
+                (Event::DocumentStart(_), _) => {
                     let (event, span) = self.next()?;
                     root = Some(self.node(event, span, 0)?);
                 }
-                Event::Nothing | Event::StreamStart | Event::DocumentEnd => {}
-                _ => return Err(fault(span.start.line(), "unexpected YAML event")),
+                (Event::Nothing | Event::StreamStart | Event::DocumentEnd, _) => {}
+                (_, span) => return Err(refused(Some(span.start.line()), "unexpected YAML event")),
             }
         }
     }
@@ -216,15 +198,15 @@ impl<'t> Reader<'t> {
     fn node(&mut self, event: Event<'t>, span: Span, depth: usize) -> Result<Yaml<'t>, Fault> {
         let mut line = span.start.line();
         if depth > MAX_DEPTH {
-            return Err(fault(line, "recursion limit exceeded"));
+            return Err(refused(Some(line), "recursion limit exceeded"));
         }
         let (anchor, tag, node) = match event {
             Event::Alias(id) => {
                 let Some((node, count)) = self.anchors.get(&id) else {
-                    return Err(fault(line, "unknown anchor"));
+                    return Err(refused(Some(line), "unknown anchor"));
                 };
                 let Some(left) = self.alias_budget.checked_sub(*count) else {
-                    return Err(fault(line, "repetition limit exceeded"));
+                    return Err(refused(Some(line), "repetition limit exceeded"));
                 };
                 self.alias_budget = left;
                 return Ok(node.clone());
@@ -241,73 +223,55 @@ impl<'t> Reader<'t> {
             }
             Event::SequenceStart(anchor, tag) => {
                 let mut items = Vec::new();
-                loop {
-                    match self.next()? {
-                        (Event::SequenceEnd, _) => break,
-                        (event, span) => items.push(self.node(event, span, depth + 1)?),
-                    }
+                while let Some(item) = self.child(depth)? {
+                    items.push(item);
                 }
                 (anchor, tag, Node::List(items))
             }
             Event::MappingStart(anchor, tag) => {
                 let mut entries = Vec::new();
-                loop {
-                    let key = match self.next()? {
-                        (Event::MappingEnd, _) => break,
-                        (event, span) => self.node(event, span, depth + 1)?,
-                    };
+                while let Some(key) = self.child(depth)? {
                     let (event, span) = self.next()?;
                     entries.push((key, self.node(event, span, depth + 1)?));
                 }
                 (anchor, tag, Node::Map(entries))
             }
-            _ => return Err(fault(line, "unexpected YAML event")),
+            _ => return Err(refused(Some(line), "unexpected YAML event")),
         };
-        let tag = tag
-            .filter(|tag| !tag.is_yaml_core_schema())
-            .map(|tag| Tag::to_string(&tag));
+        let tag = tag.filter(|tag| !tag.is_yaml_core_schema());
+        let tag = tag.map(|tag| Tag::to_string(&tag));
         let yaml = Yaml { line, node, tag };
         if anchor > 0 {
             self.anchors.insert(anchor, (yaml.clone(), yaml.count()));
         }
         Ok(yaml)
     }
-}
 
-impl Reader<'_> {
-    /// The line of a block scalar's `|` or `>` header: the span starts at its content, and
-    /// serde_yaml placed the scalar at the header.
-    fn header_line(&mut self, span: Span) -> usize {
-        if self.line_starts.is_empty() {
-            self.line_starts = std::iter::once(0)
-                .chain(self.text.match_indices('\n').map(|(at, _)| at + 1))
-                .collect();
+    /// The next item (or key) of a collection at `depth`, or `None` at the collection's end.
+    fn child(&mut self, depth: usize) -> Result<Option<Yaml<'t>>, Fault> {
+        match self.next()? {
+            (Event::SequenceEnd | Event::MappingEnd, _) => Ok(None),
+            (event, span) => self.node(event, span, depth + 1).map(Some),
         }
-        let line_text = |line: usize| {
-            let start = self
-                .line_starts
-                .get(line - 1)
-                .copied()
-                .unwrap_or(self.text.len());
-            let end = self
-                .line_starts
-                .get(line)
-                .copied()
-                .unwrap_or(self.text.len());
-            self.text.get(start..end).unwrap_or("")
-        };
-        let mut line = span.start.line();
-        let before: String = line_text(line).chars().take(span.start.col()).collect();
-        if !before.trim().is_empty() {
+    }
+
+    /// The line of a block scalar's `|` or `>` header: the span starts at its content, and
+    /// serde_yaml placed the scalar at the header, the last line above with anything on it.
+    fn header_line(&mut self, span: Span) -> usize {
+        if self.lines.is_empty() {
+            self.lines = self.text.split('\n').collect();
+        }
+        let text = |line: usize| self.lines.get(line - 1).copied().unwrap_or("");
+        let blank = |line: usize| text(line).chars().all(char::is_whitespace);
+        let line = span.start.line();
+        if text(line)
+            .chars()
+            .take(span.start.col())
+            .any(|c| !c.is_whitespace())
+        {
             return line;
         }
-        while line > 1 {
-            line -= 1;
-            if !line_text(line).trim().is_empty() {
-                break;
-            }
-        }
-        line
+        (1..line).rev().find(|&above| !blank(above)).unwrap_or(1)
     }
 }
 
@@ -315,23 +279,18 @@ impl<'t> Yaml<'t> {
     /// The same tree, owning its text.
     fn into_owned(self) -> Yaml<'static> {
         let node = match self.node {
-            Node::Scalar { text, plain } => Node::Scalar {
-                text: Cow::Owned(text.into_owned()),
-                plain,
-            },
+            Node::Scalar { text, plain } => {
+                let text = Cow::Owned(text.into_owned());
+                Node::Scalar { text, plain }
+            }
             Node::List(items) => Node::List(items.into_iter().map(Yaml::into_owned).collect()),
-            Node::Map(entries) => Node::Map(
-                entries
-                    .into_iter()
-                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                    .collect(),
-            ),
+            Node::Map(entries) => {
+                let owned = |(k, v): (Yaml, Yaml)| (k.into_owned(), v.into_owned());
+                Node::Map(entries.into_iter().map(owned).collect())
+            }
         };
-        Yaml {
-            line: self.line,
-            node,
-            tag: self.tag,
-        }
+        let (line, tag) = (self.line, self.tag);
+        Yaml { line, node, tag }
     }
 
     /// How many nodes this one is, itself included.
@@ -340,6 +299,22 @@ impl<'t> Yaml<'t> {
             Node::Scalar { .. } => 0,
             Node::List(items) => items.iter().map(Yaml::count).sum(),
             Node::Map(entries) => entries.iter().map(|(k, v)| k.count() + v.count()).sum(),
+        }
+    }
+
+    /// The entries, if this is a map.
+    pub(crate) fn map(&self) -> Option<&Entries<'t>> {
+        match &self.node {
+            Node::Map(entries) => Some(entries),
+            _ => None,
+        }
+    }
+
+    /// The items, if this is a list.
+    pub(crate) fn list(&self) -> Option<&[Yaml<'t>]> {
+        match &self.node {
+            Node::List(items) => Some(items),
+            _ => None,
         }
     }
 
@@ -368,7 +343,7 @@ impl<'t> Yaml<'t> {
             Some(Scalar::Huge(n)) => n.to_owned(),
             Some(Scalar::Float(f)) => f.to_string(),
             Some(Scalar::Text(s)) => format!("'{s}'"),
-            None if matches!(self.node, Node::List(_)) => "a list".to_owned(),
+            None if self.list().is_some() => "a list".to_owned(),
             None => "a map".to_owned(),
         }
     }
