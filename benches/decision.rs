@@ -4,7 +4,7 @@
 //! - `counters/check_one_2_threads`: the same key hit from two threads at once (contended CAS);
 //! - `counters/new_keys`: a stream of distinct keys (insert path, eviction at the cap);
 //! - `limiter/decide_*`: the full handler without network: rules lookup, counter key, strategy,
-//!   response.
+//!   response; each also `_with_metrics`, recording Prometheus metrics as the server does.
 //!
 //! Before measuring, it prints the heap allocations one `decide` makes for each request shape
 //! (the allocator is the server's, mimalloc, wrapped to count calls).
@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use criterion::{criterion_group, criterion_main, Criterion};
 use hivemind::limiter::Limiter;
+use hivemind::metrics::Metrics;
 use hivemind::proto::{DescriptorEntry, RateLimitDescriptor, RateLimitRequest};
 use hivemind::rules::RuleSet;
 use hivemind::settings::ResponseSettings;
@@ -165,12 +166,21 @@ fn limiter(c: &mut Criterion) {
         Arc::new(SystemClock),
         Duration::from_secs(1),
     ));
+    let store = Arc::new(ArcSwap::from_pointee(rules));
     let limiter = Limiter::new(
-        Arc::new(ArcSwap::from_pointee(rules)),
-        strategy,
+        store.clone(),
+        strategy.clone(),
         Arc::new(SystemClock),
         ResponseSettings::default(),
     );
+    // The same, recording Prometheus metrics as the server does: the metrics' cost per call.
+    let measured = Limiter::new(
+        store,
+        strategy,
+        Arc::new(SystemClock),
+        ResponseSettings::default(),
+    )
+    .with_metrics(Arc::new(Metrics::new(0.8)));
     let shapes = [
         (
             "decide_one_descriptor",
@@ -204,6 +214,13 @@ fn limiter(c: &mut Criterion) {
             b.iter(|| {
                 runtime
                     .block_on(limiter.decide(black_box(request)))
+                    .unwrap()
+            })
+        });
+        group.bench_function(format!("{name}_with_metrics"), |b| {
+            b.iter(|| {
+                runtime
+                    .block_on(measured.decide(black_box(request)))
                     .unwrap()
             })
         });

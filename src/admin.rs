@@ -7,6 +7,7 @@
 //! - `GET /rlconfig`: the rules in force, their hash and the reload status;
 //! - `GET /stats`: the strategy's health, counters and figures, reload figures, and the gRPC
 //!   serving model with each event loop's connection count, as JSON;
+//! - `GET /metrics`: Prometheus metrics ([`crate::metrics`]);
 //! - `GET /<view>`: each view the strategy offers ([`SyncStrategy::views`]), e.g. gossip's
 //!   `/mesh` (live and dead peers, generations, mesh traffic).
 //!
@@ -27,6 +28,7 @@ use serde_json::json;
 use crate::event_loops::ServingStats;
 use crate::json::{parse_request, response_json};
 use crate::limiter::{LimitError, Limiter};
+use crate::metrics::ScrapeFigures;
 use crate::proto::Code;
 use crate::reload::ReloadStatus;
 
@@ -49,6 +51,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/json", post(json_request))
         .route("/rlconfig", get(rlconfig))
         .route("/stats", get(stats))
+        .route("/metrics", get(metrics))
         .route("/{view}", get(strategy_view))
         .with_state(state)
 }
@@ -139,6 +142,34 @@ async fn stats(State(state): State<Arc<AdminState>>) -> Response {
         },
     }))
     .into_response()
+}
+
+async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
+    let Some(metrics) = state.limiter.metrics() else {
+        return (
+            StatusCode::NOT_FOUND,
+            "metrics are not recorded by this server\n",
+        )
+            .into_response();
+    };
+    let strategy = strategy(&state);
+    let status = strategy.status();
+    let rules = state.limiter.rules().load();
+    let reload = reload_status(&state);
+    let body = metrics.render(&ScrapeFigures {
+        strategy: strategy.name(),
+        status: &status,
+        rules_hash: rules.hash(),
+        reload: reload.as_ref(),
+    });
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 async fn strategy_view(State(state): State<Arc<AdminState>>, Path(view): Path<String>) -> Response {

@@ -8,6 +8,7 @@
 //! - [`rules`]: the rules files: parsing, validation, matching; [`reload`] watches them;
 //! - [`limiter`]: one request's decision: descriptors → hits → strategy → response;
 //! - [`grpc`]: the tonic service around the limiter; [`admin`]: the admin HTTP endpoints;
+//!   [`metrics`]: Prometheus figures at `/metrics`;
 //! - [`strategies`]: the one place that names the backends and builds the configured one;
 //! - [`server`]: wiring, listeners and graceful shutdown; [`event_loops`]: thread-per-core
 //!   serving of the gRPC service; [`telemetry`]: logs; [`probe`]: `--healthcheck`, a probe of a
@@ -19,6 +20,7 @@ pub mod event_loops;
 pub mod grpc;
 pub mod json;
 pub mod limiter;
+pub mod metrics;
 pub mod probe;
 pub mod proto;
 pub mod reload;

@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use hivemind_core::{
@@ -16,6 +16,7 @@ use hivemind_core::{
 };
 use smallvec::SmallVec;
 
+use crate::metrics::Metrics;
 use crate::proto::{
     Code, CurrentLimit, DescriptorEntry, DescriptorStatus, HeaderValue, ProtoUnit,
     RateLimitDescriptor, RateLimitRequest, RateLimitResponse,
@@ -78,6 +79,9 @@ pub struct Limiter {
     clock: Arc<dyn Clock>,
     /// Optional `RateLimit-*` response headers.
     response: ResponseSettings,
+    /// Where decisions, latencies and strategy errors are counted (absent in benches and tests
+    /// that do not look).
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Limiter {
@@ -93,7 +97,19 @@ impl Limiter {
             strategy,
             clock,
             response,
+            metrics: None,
         }
+    }
+
+    /// The same limiter, recording into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The metrics it records into, if any.
+    pub fn metrics(&self) -> Option<&Arc<Metrics>> {
+        self.metrics.as_ref()
     }
 
     /// The rules in force.
@@ -126,6 +142,7 @@ impl Limiter {
                 "rate limit descriptor must have at least one entry",
             ));
         }
+        let started = Instant::now();
         let rules = self.rules.load();
         let now = self.clock.now();
         let request_addend = if request.hits_addend == 0 {
@@ -217,9 +234,32 @@ impl Limiter {
         let decisions = if hits.is_empty() {
             Vec::new()
         } else {
-            self.strategy.check(&hits, now).await?
+            match self.strategy.check(&hits, now).await {
+                Ok(decisions) => decisions,
+                Err(e) => {
+                    if let Some(metrics) = &self.metrics {
+                        metrics.record_error(e.kind());
+                    }
+                    return Err(e.into());
+                }
+            }
         };
-        Ok(self.respond(&plans, &hits, &decisions))
+        let response = self.respond(&plans, &hits, &decisions);
+        if let Some(metrics) = &self.metrics {
+            for (plan, rule) in plans.iter().zip(&matched) {
+                if let (Plan::Counted { index, .. }, Some(rule)) = (plan, rule) {
+                    metrics.record_hit(
+                        &request.domain,
+                        &rule.stat_name,
+                        &hits[*index],
+                        &decisions[*index],
+                        rule.shadow_mode,
+                    );
+                }
+            }
+            metrics.record_latency(started.elapsed());
+        }
+        Ok(response)
     }
 
     fn respond(

@@ -24,6 +24,7 @@ use crate::admin::{self, AdminState};
 use crate::event_loops::{EventLoops, ServingStats};
 use crate::grpc::RateLimitGrpc;
 use crate::limiter::Limiter;
+use crate::metrics::{Metrics, UPKEEP_INTERVAL};
 use crate::proto::{RateLimitServiceServer, FILE_DESCRIPTOR_SET};
 use crate::reload;
 use crate::rules::{RuleSet, RulesError};
@@ -182,12 +183,14 @@ pub async fn run_with_ready(
         counters: settings.counters.config(),
     };
     let strategy = strategies::build(&settings, listeners.strategy, context).await?;
-    let limiter = Arc::new(Limiter::new(
-        store,
-        strategy.clone(),
-        clock,
-        settings.response.clone(),
-    ));
+    let mut limiter = Limiter::new(store, strategy.clone(), clock, settings.response.clone());
+    let mut _metrics_upkeep = None;
+    if settings.metrics.enabled {
+        let metrics = Arc::new(Metrics::new(settings.metrics.near_limit_ratio));
+        _metrics_upkeep = Some(spawn_metrics_upkeep(metrics.clone()));
+        limiter = limiter.with_metrics(metrics);
+    }
+    let limiter = Arc::new(limiter);
     let _key_cap_monitor = spawn_key_cap_monitor(strategy.clone());
 
     let serving = Arc::new(AtomicBool::new(true));
@@ -318,6 +321,18 @@ fn flatten(
 
 /// Logs when the key cap of the strategy's local counters forces evictions (at most every
 /// 10 s), so an operator sees a flood of distinct keys. Dropping the handle stops it.
+/// Folds recorded latency samples into their buckets every [`UPKEEP_INTERVAL`], scraped or
+/// not, so the recorder's memory stays flat.
+fn spawn_metrics_upkeep(metrics: Arc<Metrics>) -> AbortOnDrop {
+    AbortOnDrop(tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(UPKEEP_INTERVAL);
+        loop {
+            ticker.tick().await;
+            metrics.upkeep();
+        }
+    }))
+}
+
 fn spawn_key_cap_monitor(strategy: Arc<dyn SyncStrategy>) -> AbortOnDrop {
     AbortOnDrop(tokio::spawn(async move {
         let mut reported = 0;

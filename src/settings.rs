@@ -45,6 +45,8 @@ pub struct Settings {
     pub counters: CounterSettings,
     /// What goes into responses beyond the statuses.
     pub response: ResponseSettings,
+    /// Prometheus metrics at the admin address's `/metrics`.
+    pub metrics: MetricsSettings,
     /// The gossip mesh (strategy `gossip`): the gossip backend's own section.
     #[cfg(feature = "gossip")]
     pub mesh: hivemind_gossip::MeshSettings,
@@ -226,6 +228,28 @@ impl Default for CounterSettings {
         CounterSettings {
             max_keys: 1_000_000,
             sweep_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Prometheus metrics (`GET /metrics` on the admin address).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Record metrics and serve them at `/metrics` (404 when off; recording costs a few hundred
+    /// nanoseconds per request, see the README's results).
+    pub enabled: bool,
+    /// A hit whose window count passes this fraction of its limit, without going over, counts
+    /// as near its limit (`ratelimit_service_rate_limit_near_limit`), as envoyproxy/ratelimit's
+    /// `NEAR_LIMIT_RATIO`. Between 0 and 1.
+    pub near_limit_ratio: f64,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        MetricsSettings {
+            enabled: true,
+            near_limit_ratio: 0.8,
         }
     }
 }
@@ -468,6 +492,13 @@ impl Settings {
             hour,
         );
         check.duration("shutdown.grace", self.shutdown.grace, Duration::ZERO, hour);
+        let ratio = self.metrics.near_limit_ratio;
+        if !(ratio > 0.0 && ratio <= 1.0) {
+            check.invalid(
+                "metrics.near_limit_ratio",
+                format!("is {ratio}; it must be above 0 and at most 1"),
+            );
+        }
         if let Some(threads) = self.server.threads {
             check.count(
                 "server.threads",
@@ -701,6 +732,16 @@ mod tests {
             ("HIVEMIND_COUNTERS__MAX_KEYS", "0", "counters.max_keys"),
             ("HIVEMIND_SHUTDOWN__GRACE", "400years", "shutdown.grace"),
             ("HIVEMIND_SERVER__THREADS", "100000", "server.threads"),
+            (
+                "HIVEMIND_METRICS__NEAR_LIMIT_RATIO",
+                "1.5",
+                "metrics.near_limit_ratio",
+            ),
+            (
+                "HIVEMIND_METRICS__NEAR_LIMIT_RATIO",
+                "0",
+                "metrics.near_limit_ratio",
+            ),
         ] {
             let err = Settings::load(&none, vars(&[(name, value)]), FlagValues::default())
                 .expect_err(&format!("{name}={value} was accepted"))

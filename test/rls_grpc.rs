@@ -470,3 +470,100 @@ async fn zero_threads_serves_on_the_shared_multi_thread_runtime() {
         "still accepting after shutdown"
     );
 }
+
+/// The value of one series in a Prometheus exposition text.
+fn series<'t>(text: &'t str, name_and_labels: &str) -> Option<&'t str> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name_and_labels))
+        .map(str::trim)
+}
+
+#[tokio::test]
+async fn metrics_count_hits_by_rule_and_outcome_in_envoyproxy_ratelimit_names() {
+    let server = InProc::start(RULES, |_| {}).await;
+    let mut client = server.client().await;
+    // remote_address: 3 per minute; near limit above 0.8 × 3 = 2.4, so the third hit is near.
+    for _ in 0..4 {
+        overall(
+            &mut client,
+            request("test", &[&[("remote_address", "10.0.0.1")]]),
+        )
+        .await;
+    }
+    // The canary user's rule is in shadow mode (1 per hour): the second hit is over, reported.
+    for _ in 0..2 {
+        let r = ask(
+            &mut client,
+            request("test", &[&[("tenant", "acme"), ("user", "canary")]]),
+        )
+        .await;
+        assert_eq!(r.overall_code, OK, "shadow mode never rejects");
+    }
+    let response = reqwest::get(server.admin_url("/metrics")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4"),
+        "{:?}",
+        response.headers()
+    );
+    let text = response.text().await.unwrap();
+    let remote = r#"{domain="test",key="remote_address"}"#;
+    for (name, expected) in [
+        ("total_hits", "4"),
+        ("within_limit", "3"),
+        ("near_limit", "1"),
+        ("over_limit", "1"),
+    ] {
+        let name = format!("ratelimit_service_rate_limit_{name}{remote}");
+        assert_eq!(series(&text, &name), Some(expected), "{name} in\n{text}");
+    }
+    let canary = r#"{domain="test",key="tenant.user_canary"}"#;
+    assert_eq!(
+        series(
+            &text,
+            &format!("ratelimit_service_rate_limit_shadow_mode{canary}")
+        ),
+        Some("1"),
+        "{text}"
+    );
+    assert_eq!(
+        series(&text, "hivemind_decision_duration_seconds_count"),
+        Some("6"),
+        "{text}"
+    );
+    let strategy = server.admin_json("/stats").await["strategy"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        series(
+            &text,
+            &format!(r#"hivemind_strategy_health{{strategy="{strategy}",state="serving"}}"#)
+        ),
+        Some("1"),
+        "{text}"
+    );
+    // (The space ends the name: `hivemind_counter_keys_max` is another series.)
+    let keys: f64 = series(&text, "hivemind_counter_keys ")
+        .and_then(|v| v.parse().ok())
+        .expect("live counter keys");
+    assert!(keys >= 2.0, "{text}");
+    // Request values never become labels: only rule names from the rules file.
+    assert!(!text.contains("10.0.0.1"), "{text}");
+    assert!(!text.contains("acme"), "{text}");
+    server.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn metrics_can_be_switched_off() {
+    let server = InProc::start(RULES, |s| s.metrics.enabled = false).await;
+    let mut client = server.client().await;
+    let r = ask(&mut client, request("test", &[&[("bulk", "x")]])).await;
+    assert_eq!(r.overall_code, OK);
+    let response = reqwest::get(server.admin_url("/metrics")).await.unwrap();
+    assert_eq!(response.status(), 404);
+    server.stop().await.expect("clean shutdown");
+}
