@@ -67,6 +67,9 @@ pub enum ServerError {
     /// The strategy could not start (mesh, Redis).
     #[error("{0}")]
     Strategy(String),
+    /// The gRPC listener's TLS files cannot be read or used.
+    #[error("grpc tls: {0}")]
+    Tls(String),
     /// A server failed while running.
     #[error("{what} server failed: {message}")]
     Serve {
@@ -212,7 +215,13 @@ pub async fn run_with_ready(
         })?;
     let rls = RateLimitServiceServer::new(RateLimitGrpc::new(limiter.clone()))
         .max_decoding_message_size(settings.grpc.max_message_bytes);
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = grpc_tls(&settings.grpc)? {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| ServerError::Tls(e.to_string()))?;
+    }
+    let router = builder
         .add_service(rls)
         .add_service(health_service)
         .add_service(reflection);
@@ -321,6 +330,29 @@ fn flatten(
 
 /// Logs when the key cap of the strategy's local counters forces evictions (at most every
 /// 10 s), so an operator sees a flood of distinct keys. Dropping the handle stops it.
+/// The gRPC listener's TLS: its certificate and key, and the CA client certificates must chain
+/// to (mutual TLS) when set. `None`: plaintext.
+fn grpc_tls(
+    grpc: &crate::settings::GrpcSettings,
+) -> Result<Option<tonic::transport::ServerTlsConfig>, ServerError> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let (Some(cert), Some(key)) = (&grpc.tls_cert, &grpc.tls_key) else {
+        return Ok(None);
+    };
+    let read = |setting: &str, path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| ServerError::Tls(format!("{setting} {}: {e}", path.display())))
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        read("grpc.tls_cert", cert)?,
+        read("grpc.tls_key", key)?,
+    ));
+    if let Some(ca) = &grpc.tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read("grpc.tls_client_ca", ca)?));
+    }
+    Ok(Some(tls))
+}
+
 /// Folds recorded latency samples into their buckets every [`UPKEEP_INTERVAL`], scraped or
 /// not, so the recorder's memory stays flat.
 fn spawn_metrics_upkeep(metrics: Arc<Metrics>) -> AbortOnDrop {

@@ -126,6 +126,13 @@ pub struct GrpcSettings {
     pub addr: SocketAddr,
     /// Largest request message accepted, in bytes; larger requests get RESOURCE_EXHAUSTED.
     pub max_message_bytes: usize,
+    /// PEM certificate chain of the gRPC listener: with `tls_key`, the listener speaks TLS only.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) that client certificates must chain to: when set, every client must
+    /// present one (mutual TLS). Needs `tls_cert`.
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Default for GrpcSettings {
@@ -133,6 +140,9 @@ impl Default for GrpcSettings {
         GrpcSettings {
             addr: SocketAddr::from(([127, 0, 0, 1], 8081)),
             max_message_bytes: 4 * 1024 * 1024,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
         }
     }
 }
@@ -492,6 +502,21 @@ impl Settings {
             hour,
         );
         check.duration("shutdown.grace", self.shutdown.grace, Duration::ZERO, hour);
+        match (&self.grpc.tls_cert, &self.grpc.tls_key) {
+            (Some(_), None) => {
+                check.invalid("grpc.tls_cert", "is set without grpc.tls_key; give both")
+            }
+            (None, Some(_)) => {
+                check.invalid("grpc.tls_key", "is set without grpc.tls_cert; give both")
+            }
+            _ => {}
+        }
+        if self.grpc.tls_client_ca.is_some() && self.grpc.tls_cert.is_none() {
+            check.invalid(
+                "grpc.tls_client_ca",
+                "needs grpc.tls_cert and grpc.tls_key (client certificates are checked over TLS)",
+            );
+        }
         let ratio = self.metrics.near_limit_ratio;
         if !(ratio > 0.0 && ratio <= 1.0) {
             check.invalid(
@@ -741,6 +766,21 @@ mod tests {
                 "HIVEMIND_METRICS__NEAR_LIMIT_RATIO",
                 "0",
                 "metrics.near_limit_ratio",
+            ),
+            (
+                "HIVEMIND_GRPC__TLS_CERT",
+                "/etc/tls/cert.pem",
+                "grpc.tls_key",
+            ),
+            (
+                "HIVEMIND_GRPC__TLS_KEY",
+                "/etc/tls/key.pem",
+                "grpc.tls_cert",
+            ),
+            (
+                "HIVEMIND_GRPC__TLS_CLIENT_CA",
+                "/etc/tls/ca.pem",
+                "grpc.tls_client_ca",
             ),
         ] {
             let err = Settings::load(&none, vars(&[(name, value)]), FlagValues::default())

@@ -12,7 +12,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use support::{free_port, http_request, Envoy, HttpResponse, Server};
+use support::{example_envoy_config, free_port, http_request, Envoy, HttpResponse, Server};
 
 /// The same shapes as `config/ratelimit.yaml` (keep them in sync), written by the test itself so
 /// it does not depend on edits to the example.
@@ -28,39 +28,6 @@ descriptors:
     value: premium
     rate_limit: { unit: minute, requests_per_unit: 1000 }
 "#;
-
-/// `config/envoy.yaml` with its ports replaced: ingress and admin on port 0 (Envoy binds them and
-/// `Envoy` reads the real addresses back), the stand-in upstream on a free port (its cluster must
-/// name it), and the `rls` cluster on hivemind's gRPC address.
-fn example_envoy_config(rls: SocketAddr, upstream_port: u16) -> String {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/envoy.yaml");
-    let template = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
-    assert_eq!(
-        rls.ip().to_string(),
-        "127.0.0.1",
-        "config/envoy.yaml points the rls cluster at 127.0.0.1"
-    );
-    let replacements = [
-        // (text in config/envoy.yaml, times it must occur, replacement port)
-        ("port_value: 9901 }", 1, 0),              // admin
-        ("port_value: 10000 }", 1, 0),             // ingress listener
-        ("port_value: 10001 }", 2, upstream_port), // upstream listener + its cluster
-        ("port_value: 8081 }", 1, rls.port()),     // rls cluster -> hivemind
-    ];
-    for (from, times, _) in replacements {
-        assert_eq!(
-            template.matches(from).count(),
-            times,
-            "config/envoy.yaml must contain `{from}` exactly {times} time(s); \
-             test/envoy.rs substitutes test ports there"
-        );
-    }
-    let mut yaml = template;
-    for (from, _, port) in replacements {
-        yaml = yaml.replace(from, &format!("port_value: {port} }}"));
-    }
-    yaml
-}
 
 /// hivemind plus Envoy in front of it. Fields drop in order: Envoy first, then hivemind.
 struct Stack {

