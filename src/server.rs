@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hivemind_core::{Clock, StrategyContext, SyncStrategy, SystemClock};
+use hivemind_core::{Clock, HealthState, StrategyContext, SyncStrategy, SystemClock};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -206,6 +206,13 @@ pub async fn run_with_ready(
     health_reporter
         .set_serving::<RateLimitServiceServer<RateLimitGrpc>>()
         .await;
+    // Who may set the gRPC health: the follower below until shutdown takes it over (`true`).
+    let health_owner = Arc::new(tokio::sync::Mutex::new(false));
+    let _health_follower = spawn_grpc_health_follower(
+        strategy.clone(),
+        health_reporter.clone(),
+        health_owner.clone(),
+    );
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -265,9 +272,13 @@ pub async fn run_with_ready(
     // Fail health first and keep answering for the grace period, so load balancers and
     // Envoy's health checks move traffic away before the listeners close.
     serving.store(false, Ordering::Release);
-    health_reporter
-        .set_not_serving::<RateLimitServiceServer<RateLimitGrpc>>()
-        .await;
+    {
+        let mut shutting_down = health_owner.lock().await;
+        *shutting_down = true;
+        health_reporter
+            .set_not_serving::<RateLimitServiceServer<RateLimitGrpc>>()
+            .await;
+    }
     if !settings.shutdown.grace.is_zero() {
         info!(grace = ?settings.shutdown.grace, "shutting down: health failing, still serving for the grace period");
         tokio::time::sleep(settings.shutdown.grace).await;
@@ -351,6 +362,43 @@ fn grpc_tls(
         tls = tls.client_ca_root(Certificate::from_pem(read("grpc.tls_client_ca", ca)?));
     }
     Ok(Some(tls))
+}
+
+/// How often gRPC health is brought in line with the strategy's health.
+const GRPC_HEALTH_FOLLOW_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Keeps `grpc.health.v1` in step with the strategy: NOT_SERVING while the strategy is down
+/// (as `/healthcheck`'s 503), SERVING otherwise, until shutdown takes `owner` over.
+fn spawn_grpc_health_follower(
+    strategy: Arc<dyn SyncStrategy>,
+    reporter: tonic_health::server::HealthReporter,
+    owner: Arc<tokio::sync::Mutex<bool>>,
+) -> AbortOnDrop {
+    AbortOnDrop(tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(GRPC_HEALTH_FOLLOW_INTERVAL);
+        let mut reported_down = false;
+        loop {
+            ticker.tick().await;
+            let down = strategy.status().health.state == HealthState::Down;
+            if down == reported_down {
+                continue;
+            }
+            let shutting_down = owner.lock().await;
+            if *shutting_down {
+                return;
+            }
+            if down {
+                reporter
+                    .set_not_serving::<RateLimitServiceServer<RateLimitGrpc>>()
+                    .await;
+            } else {
+                reporter
+                    .set_serving::<RateLimitServiceServer<RateLimitGrpc>>()
+                    .await;
+            }
+            reported_down = down;
+        }
+    }))
 }
 
 /// Folds recorded latency samples into their buckets every [`UPKEEP_INTERVAL`], scraped or

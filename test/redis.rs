@@ -23,6 +23,7 @@ use hivemind::proto::{
 use hivemind_testkit::{RedisCluster, RedisServer};
 use support::{http_get, Server};
 use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 const RULES: &str = r#"
 domain: rl
@@ -167,6 +168,41 @@ async fn wait_for(limit: Duration, what: &str, mut condition: impl FnMut() -> bo
     while !condition() {
         assert!(start.elapsed() < limit, "timed out after {limit:?}: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The rate limit service's `grpc.health.v1` status at `addr`.
+async fn grpc_health(addr: SocketAddr) -> i32 {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect for health");
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "envoy.service.ratelimit.v3.RateLimitService".into(),
+        })
+        .await
+        .expect("health check")
+        .into_inner()
+        .status
+}
+
+/// Waits (at most `limit`, polling) until gRPC health at `addr` reports `status`.
+async fn wait_for_grpc_health(addr: SocketAddr, status: ServingStatus, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let now = grpc_health(addr).await;
+        if now == status as i32 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "grpc health still {now} after {limit:?}, expected {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -325,6 +361,13 @@ async fn outage(policy: &str, expect: Expect) {
         "{}",
         health.body
     );
+    // gRPC health follows: NOT_SERVING only when the strategy cannot decide at all.
+    let expected = if policy == "error" {
+        ServingStatus::NotServing
+    } else {
+        ServingStatus::Serving
+    };
+    wait_for_grpc_health(addr, expected, Duration::from_secs(5)).await;
     let out = blast(&[addr], 50, 60, request(&[("local", "down")])).await;
     assert!(
         out.slowest < timeout + margin,
@@ -350,6 +393,7 @@ async fn outage(policy: &str, expect: Expect) {
         stats(&a)["backend"]["state"] == "up"
     })
     .await;
+    wait_for_grpc_health(addr, ServingStatus::Serving, Duration::from_secs(5)).await;
     let out = blast(&[addr], 50, 150, request(&[("k", "after")])).await;
     assert_eq!((out.ok, out.over), (100, 50), "{policy}: exact again");
     assert!(redis.command_calls("evalsha") + redis.command_calls("eval") >= 100);
