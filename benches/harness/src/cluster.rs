@@ -665,6 +665,14 @@ pub fn default_binary(profile: Profile) -> PathBuf {
     target.join(dir).join("hivemind")
 }
 
+/// One `KEY=VAL` of extra node environment, as the harness binaries' `--env` takes it.
+pub fn parse_env_var(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected KEY=VAL, got {s:?}")),
+    }
+}
+
 /// Runs `cargo build [--release] -p hivemind --bin hivemind` in the workspace and returns the
 /// executable cargo reports (so a custom target directory works too). Cargo's own output is
 /// kept and returned in the error if the build fails.

@@ -21,8 +21,8 @@ pub mod truth;
 pub mod workload;
 
 pub use cluster::{
-    build_hivemind, default_binary, Cluster, ClusterError, ClusterSpec, Health, Node, Profile,
-    Strategy,
+    build_hivemind, default_binary, parse_env_var, Cluster, ClusterError, ClusterSpec, Health,
+    Node, Profile, Strategy,
 };
 pub use experiment::{bench_rules, bench_rules_many, Experiment, ExperimentError};
 pub use report::{Latency, Report, ReportError, RunInfo, Summary};

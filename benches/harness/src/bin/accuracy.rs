@@ -14,7 +14,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use hivemind_core::Unit;
 use hivemind_harness::sweep::{self, Cell, Skew, Sweep};
-use hivemind_harness::{build_hivemind, Profile, Strategy};
+use hivemind_harness::{build_hivemind, parse_env_var, Profile, Strategy};
 
 /// Overshoot and false rejections over limits, node counts, skews and loads.
 #[derive(Debug, Parser)]
@@ -52,15 +52,8 @@ struct Args {
     #[arg(long, value_name = "OUT")]
     json: Option<PathBuf>,
     /// Extra environment for every node, KEY=VAL (repeatable).
-    #[arg(long = "env", value_name = "KEY=VAL", value_parser = parse_env)]
+    #[arg(long = "env", value_name = "KEY=VAL", value_parser = parse_env_var)]
     env: Vec<(String, String)>,
-}
-
-fn parse_env(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => Err(format!("expected KEY=VAL, got {s:?}")),
-    }
 }
 
 fn parse_limit(s: &str) -> anyhow::Result<(u64, Unit)> {

@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Parser;
 use hivemind_core::Unit;
-use hivemind_harness::{build_hivemind, Experiment, Profile, Strategy};
+use hivemind_harness::{build_hivemind, parse_env_var, Experiment, Profile, Strategy};
 
 /// Measures overshoot, false rejections, latency and throughput of a hivemind cluster.
 #[derive(Debug, Parser)]
@@ -56,7 +56,7 @@ struct Args {
     #[arg(long, value_name = "OUT")]
     json: Option<PathBuf>,
     /// Extra environment for every node, KEY=VAL (repeatable).
-    #[arg(long = "env", value_name = "KEY=VAL", value_parser = parse_env)]
+    #[arg(long = "env", value_name = "KEY=VAL", value_parser = parse_env_var)]
     env: Vec<(String, String)>,
     /// Extra flag for every node (repeatable; `--arg=--flag` for flags).
     #[arg(long = "arg", value_name = "ARG", allow_hyphen_values = true)]
@@ -68,13 +68,6 @@ struct Args {
 
 fn parse_unit(s: &str) -> Result<Unit, String> {
     Unit::parse(s).ok_or_else(|| format!("unknown unit {s:?}"))
-}
-
-fn parse_env(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => Err(format!("expected KEY=VAL, got {s:?}")),
-    }
 }
 
 fn main() -> ExitCode {
