@@ -142,7 +142,11 @@ impl Limiter {
                 "rate limit descriptor must have at least one entry",
             ));
         }
-        let started = Instant::now();
+        // The metrics to record into and the request's start, read only when there are metrics.
+        let recording = self
+            .metrics
+            .as_ref()
+            .map(|metrics| (metrics, Instant::now()));
         let rules = self.rules.load();
         let now = self.clock.now();
         let request_addend = if request.hits_addend == 0 {
@@ -237,7 +241,7 @@ impl Limiter {
             match self.strategy.check(&hits, now).await {
                 Ok(decisions) => decisions,
                 Err(e) => {
-                    if let Some(metrics) = &self.metrics {
+                    if let Some((metrics, _)) = recording {
                         metrics.record_error(e.kind());
                     }
                     return Err(e.into());
@@ -245,7 +249,7 @@ impl Limiter {
             }
         };
         let response = self.respond(&plans, &hits, &decisions);
-        if let Some(metrics) = &self.metrics {
+        if let Some((metrics, started)) = recording {
             for (plan, rule) in plans.iter().zip(&matched) {
                 if let (Plan::Counted { index, .. }, Some(rule)) = (plan, rule) {
                     metrics.record_hit(
