@@ -151,21 +151,12 @@ async fn mutual_tls_refuses_clients_without_a_certificate_from_the_ca() {
 async fn unusable_tls_files_stop_the_server_with_the_setting_and_path() {
     let pki = Pki::new();
     let missing = pki.path("nope.key");
-    let settings_missing = missing.clone();
-    let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("ratelimit.yaml");
-    std::fs::write(&rules, RULES).unwrap();
-    let mut settings = hivemind::settings::Settings::default();
-    settings.grpc.addr = "127.0.0.1:0".parse().unwrap();
-    settings.admin.addr = "127.0.0.1:0".parse().unwrap();
-    settings.rules.path = rules;
-    settings.strategy = hivemind::settings::StrategyKind::Standalone;
-    settings.grpc.tls_cert = Some(pki.path("server.pem"));
-    settings.grpc.tls_key = Some(settings_missing);
-    let listeners = hivemind::server::Listeners::bind(&settings).await.unwrap();
-    let err = hivemind::server::run(settings, listeners, std::future::pending())
-        .await
-        .expect_err("started without its key");
+    let server = InProc::start(RULES, |s| {
+        s.grpc.tls_cert = Some(pki.path("server.pem"));
+        s.grpc.tls_key = Some(missing.clone());
+    })
+    .await;
+    let err = server.stop().await.expect_err("started without its key");
     let text = err.to_string();
     assert!(text.contains("grpc.tls_key"), "{text}");
     assert!(text.contains(&missing.display().to_string()), "{text}");
