@@ -16,9 +16,11 @@ use hivemind_core::{
     Clock, Enforcement, Hit, Limit, LocalCounters, SyncStrategy, SystemClock, Unit,
 };
 use hivemind_gossip::transport::{MeshSecret, MeshTransport, TransportOptions};
-use hivemind_gossip::{Admission, Gossip, GossipConfig};
+use hivemind_gossip::Gossip;
 
-const INTERVAL: Duration = Duration::from_millis(50);
+mod common;
+
+use common::{config, INTERVAL};
 
 /// How long to listen before concluding that nothing more arrives.
 const QUIET: Duration = Duration::from_millis(400);
@@ -29,13 +31,6 @@ fn bind() -> UdpSocket {
     socket
 }
 
-fn generation() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
 struct Node {
     gossip: Gossip,
     addr: SocketAddr,
@@ -44,25 +39,7 @@ struct Node {
 async fn start_node(id: &str, seeds: &[String], secret: Option<&str>) -> Node {
     let socket = bind();
     let addr = socket.local_addr().unwrap();
-    let config = GossipConfig {
-        node_id: id.into(),
-        generation: generation(),
-        cluster_id: "test".into(),
-        advertise_addr: addr,
-        seeds: seeds.to_vec(),
-        gossip_interval: INTERVAL,
-        dead_node_grace_period: Duration::from_secs(60),
-        secret: secret.map(|s| MeshSecret::new(s).unwrap()),
-        previous_secret: None,
-        max_keys_per_round: 3_000,
-        admission: Admission {
-            extrapolate: true,
-            fair_share: true,
-            horizon_millis: 150,
-        },
-        early_publish_fraction: 0.8,
-        sweep_interval: Duration::from_millis(200),
-    };
+    let config = config(id, &socket, seeds, secret);
     let gossip = Gossip::start(
         config,
         socket,
