@@ -275,6 +275,11 @@ impl Scenario {
             redis_host = format!("{}:6379", service.name);
         }
 
+        let hivemind_names: Vec<&str> = services
+            .iter()
+            .filter(|s| s.image() == HIVEMIND_IMAGE)
+            .map(|s| s.name.as_str())
+            .collect();
         let mut nodes: Vec<Node> = Vec::new();
         let mut rules_file = None;
         let mut host_names: Vec<String> = Vec::new();
@@ -312,7 +317,18 @@ impl Scenario {
                     .split(',')
                     .map(str::trim)
                     .filter_map(|peer| {
-                        let host = peer.rsplit_once(':').map_or(peer, |(h, _)| h);
+                        let (host, port) = peer.rsplit_once(':').expect("peers are host:port");
+                        assert!(
+                            hivemind_names.contains(&host),
+                            "{}: peer {peer} is no hivemind service of {profile}",
+                            service.name
+                        );
+                        let mesh = env.iter().find(|(n, _)| n == "HIVEMIND_MESH__ADDR");
+                        assert!(
+                            mesh.is_some_and(|(_, addr)| addr.ends_with(&format!(":{port}"))),
+                            "{}: peer {peer} is not on the mesh port ({mesh:?})",
+                            service.name
+                        );
                         nodes
                             .iter()
                             .find(|n| n.service == host)
