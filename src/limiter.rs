@@ -250,14 +250,17 @@ impl Limiter {
         };
         let response = self.respond(&plans, &hits, &decisions);
         if let Some((metrics, started)) = recording {
-            for (plan, rule) in plans.iter().zip(&matched) {
+            // One plan and one match per request descriptor, in order.
+            let counted = plans.iter().zip(&matched).zip(&request.descriptors);
+            for ((plan, rule), descriptor) in counted {
                 if let (Plan::Counted { index, .. }, Some(rule)) = (plan, rule) {
+                    let entries = descriptor.entries.iter();
                     metrics.record_hit(
                         &request.domain,
-                        &rule.stat_name,
+                        rule,
+                        entries.map(|e| (e.key.as_str(), e.value.as_str())),
                         &hits[*index],
                         &decisions[*index],
-                        rule.shadow_mode,
                     );
                 }
             }

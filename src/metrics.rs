@@ -16,8 +16,9 @@
 //! The recorder is this server's own (not the process-global one), so several servers in one
 //! process (the tests) keep separate figures.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use hivemind_core::{Decision, ErrorKind, HealthState, Hit, StrategyStatus};
@@ -25,6 +26,7 @@ use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::reload::ReloadStatus;
+use crate::rules::Rule;
 
 /// How often the server folds recorded latency samples into their buckets ([`Metrics::upkeep`]).
 pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -35,9 +37,14 @@ const LATENCY_BUCKETS: [f64; 14] = [
     0.25, 1.0,
 ];
 
-/// The most distinct (domain, rule) series kept; rules beyond it share the `_other` key. Rules
-/// files bound the series already; this bounds a pathological one too.
-const MAX_RULE_SERIES: usize = 10_000;
+/// The most distinct (domain, key) series kept; keys beyond it share the `_other` key. Rules
+/// files bound the series of plain rules already; this bounds `detailed_metric` rules, whose
+/// keys come from requests, and a pathological rules file.
+pub const MAX_RULE_SERIES: usize = 10_000;
+
+/// The longest `detailed_metric` key (the request descriptor as `key_value.key_value`) reported
+/// as its own series, in bytes; a longer one counts under the rule's stat name.
+pub const MAX_DETAILED_KEY_BYTES: usize = 256;
 
 /// Backend figures flattened into gauges, at most: a bound on what one scrape exposes.
 const MAX_BACKEND_GAUGES: usize = 256;
@@ -67,9 +74,13 @@ pub struct Metrics {
     decision_latency: Histogram,
     /// Strategy errors by kind (unavailable, timeout, rejected).
     errors: [Counter; 3],
-    /// (domain → rule stat name → counters), filled on first use. foldhash: the keys come from
-    /// the rules file, not from requests, so a fast hash without flood resistance is enough.
+    /// (domain → key → counters), filled on first use. foldhash: without flood resistance,
+    /// but the keys are the rules' stat names or, for `detailed_metric` rules, at most
+    /// [`MAX_RULE_SERIES`] request descriptors of bounded length.
     rules: RwLock<RuleMap<RuleMap<RuleCounters>>>,
+    /// The `_other` counters, once the series cap is reached: later unknown keys count here
+    /// without taking the write lock.
+    overflow: OnceLock<RuleCounters>,
     /// Serializes scrapes: the gauges they set are shared.
     scrape: Mutex<()>,
 }
@@ -126,6 +137,7 @@ impl Metrics {
             decision_latency,
             errors,
             rules: RwLock::new(RuleMap::default()),
+            overflow: OnceLock::new(),
             scrape: Mutex::new(()),
         }
     }
@@ -152,9 +164,24 @@ impl Metrics {
         self.errors[index].increment(1);
     }
 
-    /// Records a counted hit of the rule `key` (its stat name) in `domain`, and its decision.
-    /// `shadow`: the rule is in shadow mode (over the limit is reported, not enforced).
-    pub fn record_hit(
+    /// Records a counted hit of `rule` in `domain` for the request descriptor `entries`, and its
+    /// decision: under the rule's stat name, or for a `detailed_metric` rule under the
+    /// descriptor itself ([`stat_key`]).
+    pub fn record_hit<'e>(
+        &self,
+        domain: &str,
+        rule: &Rule,
+        entries: impl IntoIterator<Item = (&'e str, &'e str)>,
+        hit: &Hit,
+        decision: &Decision,
+    ) {
+        let key = stat_key(rule, entries);
+        self.record_key_hit(domain, &key, hit, decision, rule.shadow_mode);
+    }
+
+    /// Records a counted hit under (`domain`, `key`). `shadow`: the rule is in shadow mode
+    /// (over the limit is reported, not enforced).
+    fn record_key_hit(
         &self,
         domain: &str,
         key: &str,
@@ -168,6 +195,10 @@ impl Metrics {
                 self.count(counters, hit, decision, shadow);
                 return;
             }
+        }
+        if let Some(counters) = self.overflow.get() {
+            self.count(counters, hit, decision, shadow);
+            return;
         }
         let counters = self.register_rule(domain, key);
         self.count(&counters, hit, decision, shadow);
@@ -191,11 +222,16 @@ impl Metrics {
         }
     }
 
-    /// Registers the counters of (`domain`, `key`) (or finds them, registered meanwhile).
+    /// Registers the counters of (`domain`, `key`) (or finds them, registered meanwhile), or
+    /// past the series cap the `_other` counters.
     fn register_rule(&self, domain: &str, key: &str) -> RuleCounters {
         let mut rules = self.rules.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(counters) = rules.get(domain).and_then(|d| d.get(key)) {
+            return counters.clone();
+        }
         let series: usize = rules.values().map(|d| d.len()).sum();
-        let (domain, key) = if series >= MAX_RULE_SERIES {
+        let full = series >= MAX_RULE_SERIES;
+        let (domain, key) = if full {
             ("_other", "_other")
         } else {
             (domain, key)
@@ -206,7 +242,7 @@ impl Metrics {
                 &metadata(),
             )
         };
-        rules
+        let counters = rules
             .entry(domain.into())
             .or_default()
             .entry(key.into())
@@ -217,7 +253,11 @@ impl Metrics {
                 over_limit: register("ratelimit_service_rate_limit_over_limit"),
                 shadow_mode: register("ratelimit_service_rate_limit_shadow_mode"),
             })
-            .clone()
+            .clone();
+        if full {
+            let _ = self.overflow.set(counters.clone());
+        }
+        counters
     }
 
     /// The exposition text: the request figures, with the figures of this moment set first.
@@ -289,6 +329,45 @@ impl Metrics {
     }
 }
 
+/// The `key` label of a hit of `rule` for the request descriptor `entries`: the rule's stat
+/// name (its configured keys and values, `tenant.user`), or with `detailed_metric: true` the
+/// descriptor's own entries as envoyproxy/ratelimit keys detailed stats, `key_value` per entry
+/// (`key` alone for an empty value), '.' between them: `tenant_acme.user_alice`.
+///
+/// Request values are not trusted: characters that would need escaping in the exposition
+/// format or that a stat name cannot hold (control characters, `"`, `\`) become `_`, and a
+/// descriptor longer than [`MAX_DETAILED_KEY_BYTES`] counts under the rule's stat name.
+pub fn stat_key<'r, 'e>(
+    rule: &'r Rule,
+    entries: impl IntoIterator<Item = (&'e str, &'e str)>,
+) -> Cow<'r, str> {
+    if !rule.detailed_metric {
+        return Cow::Borrowed(&rule.stat_name);
+    }
+    let mut key = String::new();
+    for (name, value) in entries {
+        if !key.is_empty() {
+            key.push('.');
+        }
+        key.push_str(name);
+        if !value.is_empty() {
+            key.push('_');
+            key.push_str(value);
+        }
+        if key.len() > MAX_DETAILED_KEY_BYTES {
+            return Cow::Borrowed(&rule.stat_name);
+        }
+    }
+    let unfit = |c: char| c.is_control() || c == '"' || c == '\\';
+    if key.contains(unfit) {
+        key = key
+            .chars()
+            .map(|c| if unfit(c) { '_' } else { c })
+            .collect();
+    }
+    Cow::Owned(key)
+}
+
 /// What a scrape reads at its moment.
 pub struct ScrapeFigures<'a> {
     /// The strategy's name (`gossip`, `standalone`, `redis`).
@@ -351,6 +430,7 @@ pub type SharedMetrics = Arc<Metrics>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rules::RuleSet;
     use hivemind_core::{Enforcement, Health, Limit, Unit};
 
     fn hit(limit: u32, addend: u32) -> Hit {
@@ -385,9 +465,9 @@ mod tests {
         let metrics = Metrics::new(0.8);
         // Limit 10: counts 1..=8 within, 9 and 10 near, then over.
         for count in 1..=10 {
-            metrics.record_hit("api", "user", &hit(10, 1), &decision(count, false), false);
+            metrics.record_key_hit("api", "user", &hit(10, 1), &decision(count, false), false);
         }
-        metrics.record_hit("api", "user", &hit(10, 2), &decision(10, true), true);
+        metrics.record_key_hit("api", "user", &hit(10, 2), &decision(10, true), true);
         metrics.record_error(ErrorKind::Timeout);
         metrics.record_error(ErrorKind::Timeout);
         let status = StrategyStatus {
@@ -452,11 +532,130 @@ mod tests {
         let metrics = Metrics::new(0.8);
         for i in 0..MAX_RULE_SERIES + 5 {
             let key = format!("k{i}");
-            metrics.record_hit("d", &key, &hit(10, 1), &decision(1, false), false);
+            metrics.record_key_hit("d", &key, &hit(10, 1), &decision(1, false), false);
         }
         let rules = metrics.rules.read().unwrap();
         let series: usize = rules.values().map(|d| d.len()).sum();
         assert_eq!(series, MAX_RULE_SERIES + 1, "the rest share _other");
         assert!(rules["_other"].contains_key("_other"));
+        drop(rules);
+        let text = render(&metrics);
+        assert_eq!(
+            line(
+                &text,
+                r#"ratelimit_service_rate_limit_total_hits{domain="_other",key="_other"}"#
+            ),
+            Some("5"),
+        );
+    }
+
+    fn render(metrics: &Metrics) -> String {
+        let status = StrategyStatus {
+            health: Health::serving(Vec::new()),
+            counters: None,
+            details: serde_json::json!({}),
+        };
+        metrics.render(&ScrapeFigures {
+            strategy: "standalone",
+            status: &status,
+            rules_hash: "h",
+            reload: None,
+        })
+    }
+
+    const DETAILED: &str = r#"
+domain: api
+descriptors:
+  - key: api_key
+    detailed_metric: true
+    rate_limit: { unit: minute, requests_per_unit: 3 }
+  - key: tenant
+    descriptors:
+      - key: user
+        detailed_metric: true
+        rate_limit: { unit: hour, requests_per_unit: 10 }
+  - key: plan
+    rate_limit: { unit: minute, requests_per_unit: 5 }
+"#;
+
+    /// Records one hit of the rule `entries` match in [`DETAILED`].
+    fn hit_rule(metrics: &Metrics, rules: &RuleSet, entries: &[(&str, &str)]) {
+        let found = rules.domain("api").unwrap().find(entries).expect("a rule");
+        let entries = entries.iter().copied();
+        metrics.record_hit("api", found.rule, entries, &hit(10, 1), &decision(1, false));
+    }
+
+    #[test]
+    fn detailed_metric_rules_report_the_request_values_and_plain_rules_do_not() {
+        let rules = RuleSet::from_sources(&[("api.yaml".into(), DETAILED.into())]).unwrap();
+        let metrics = Metrics::new(0.8);
+        hit_rule(&metrics, &rules, &[("api_key", "alice")]);
+        hit_rule(&metrics, &rules, &[("api_key", "alice")]);
+        hit_rule(&metrics, &rules, &[("api_key", "bob")]);
+        hit_rule(&metrics, &rules, &[("tenant", "acme"), ("user", "carol")]);
+        hit_rule(&metrics, &rules, &[("plan", "gold")]);
+        hit_rule(&metrics, &rules, &[("plan", "silver")]);
+        let text = render(&metrics);
+        let hits = |key: &str| {
+            line(
+                &text,
+                &format!(r#"ratelimit_service_rate_limit_total_hits{{domain="api",key="{key}"}}"#),
+            )
+        };
+        assert_eq!(hits("api_key_alice"), Some("2"), "{text}");
+        assert_eq!(hits("api_key_bob"), Some("1"));
+        assert_eq!(
+            hits("tenant_acme.user_carol"),
+            Some("1"),
+            "every level's value"
+        );
+        assert_eq!(
+            hits("api_key"),
+            None,
+            "a detailed rule has no rolled-up series"
+        );
+        // The plain rule: its stat name only, no request value.
+        assert_eq!(hits("plan"), Some("2"));
+        assert!(!text.contains("gold") && !text.contains("silver"), "{text}");
+        // The other outcome series carry the same keys.
+        assert_eq!(
+            line(
+                &text,
+                r#"ratelimit_service_rate_limit_within_limit{domain="api",key="api_key_bob"}"#
+            ),
+            Some("1")
+        );
+    }
+
+    #[test]
+    fn detailed_keys_from_requests_are_sanitized_and_bounded() {
+        let rules = RuleSet::from_sources(&[("api.yaml".into(), DETAILED.into())]).unwrap();
+        let rule = rules
+            .domain("api")
+            .unwrap()
+            .find(&[("api_key", "x")])
+            .unwrap()
+            .rule;
+        let key = |value: &str| stat_key(rule, [("api_key", value)]).into_owned();
+        assert_eq!(key("a\"}\n\\b"), "api_key_a_}__b");
+        assert_eq!(
+            key(""),
+            "api_key",
+            "an empty value adds nothing, as upstream"
+        );
+        let long = "v".repeat(MAX_DETAILED_KEY_BYTES);
+        assert_eq!(key(&long), "api_key", "too long: the rule's stat name");
+
+        // Past the series cap every new value counts under _other, which renders once.
+        let metrics = Metrics::new(0.8);
+        for i in 0..MAX_RULE_SERIES + 100 {
+            let value = format!("k{i}");
+            hit_rule(&metrics, &rules, &[("api_key", &value)]);
+        }
+        let text = render(&metrics);
+        let other = r#"ratelimit_service_rate_limit_total_hits{domain="_other",key="_other"}"#;
+        assert_eq!(line(&text, other), Some("100"));
+        assert_eq!(text.matches(other).count(), 1);
+        assert!(!text.contains(&format!("api_key_k{MAX_RULE_SERIES}\"")));
     }
 }

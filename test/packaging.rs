@@ -1,6 +1,7 @@
 //! The container image's invariants, read from the `Dockerfile` (containers cannot run on the
 //! machines the tests run on): the runtime stage runs the binary the builder stage builds, as a
-//! non-root user, with the documented ports, rules path and probe. And the Kubernetes manifests
+//! non-root user, with the documented ports, rules path and probe, and CI runs the builder's
+//! build command. And the Kubernetes manifests
 //! under `deploy/kubernetes/`: valid against the API schemas (`kubernetes-validate`), with
 //! settings and rules that hivemind loads and an Envoy config that a real Envoy accepts.
 
@@ -187,6 +188,23 @@ fn the_image_runs_the_built_binary_as_non_root_with_ports_rules_and_probe() {
         .map(|(_, cmd)| exec_form(cmd))
         .expect("HEALTHCHECK CMD [...]");
     assert_eq!(probe, [installed.as_str(), "--healthcheck"]);
+}
+
+/// CI (`.ci/run`) runs the builder stage's build command verbatim, so a change that breaks the
+/// image's build fails CI even though no container is built there.
+#[test]
+fn ci_runs_the_image_build_command() {
+    let stages = stages(&read("Dockerfile"));
+    let build = stages
+        .iter()
+        .flat_map(|s| s.all("RUN"))
+        .find(|r| r.starts_with("cargo build "))
+        .expect("a stage that runs cargo build");
+    let ci = read(".ci/run");
+    assert!(
+        ci.lines().any(|l| l.trim() == build),
+        ".ci/run must run the Dockerfile's `{build}` on a line of its own"
+    );
 }
 
 #[test]
