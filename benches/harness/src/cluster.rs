@@ -31,6 +31,9 @@ pub enum Strategy {
     Standalone,
     /// Counts shared over the chitchat mesh; node 0 is every other node's seed peer.
     Gossip,
+    /// Counts in one Redis, shared by every node; the caller points the nodes at it
+    /// (`HIVEMIND_REDIS__URL` in [`ClusterSpec::env`]).
+    Redis,
 }
 
 impl Strategy {
@@ -39,6 +42,7 @@ impl Strategy {
         match self {
             Strategy::Standalone => "standalone",
             Strategy::Gossip => "gossip",
+            Strategy::Redis => "redis",
         }
     }
 }
@@ -50,8 +54,9 @@ impl std::str::FromStr for Strategy {
         match s {
             "standalone" => Ok(Strategy::Standalone),
             "gossip" => Ok(Strategy::Gossip),
+            "redis" => Ok(Strategy::Redis),
             other => Err(format!(
-                "unknown strategy {other:?} (expected standalone or gossip)"
+                "unknown strategy {other:?} (expected standalone, gossip or redis)"
             )),
         }
     }
@@ -245,6 +250,8 @@ pub struct Cluster {
     nodes: Vec<Node>,
     /// What the nodes run: decides what "formed" means in [`Cluster::wait_formed`].
     strategy: Strategy,
+    /// What the nodes were started with (the binary made absolute), to restart one.
+    spec: ClusterSpec,
     /// Declared after `nodes` so the processes die before their files are removed.
     dir: tempfile::TempDir,
 }
@@ -265,7 +272,7 @@ impl Cluster {
             .map_err(io_err("creating the cluster directory"))?;
         let mesh_addrs = match spec.strategy {
             Strategy::Gossip => free_udp_addrs(spec.nodes)?,
-            Strategy::Standalone => Vec::new(),
+            Strategy::Standalone | Strategy::Redis => Vec::new(),
         };
         let binary = std::path::absolute(&spec.binary)
             .map_err(io_err(format!("resolving {}", spec.binary.display())))?;
@@ -273,10 +280,24 @@ impl Cluster {
         let mut cluster = Cluster {
             nodes: Vec::with_capacity(spec.nodes),
             strategy: spec.strategy,
+            spec: ClusterSpec {
+                binary,
+                ..spec.clone()
+            },
             dir,
         };
         for index in 0..spec.nodes {
-            let node = spawn_node(spec, &binary, cluster.dir.path(), index, &mesh_addrs)?;
+            // Node 0 is every other node's seed (empty for strategies without a mesh).
+            let peers = match index {
+                0 => &[][..],
+                _ => mesh_addrs.get(..1).unwrap_or_default(),
+            };
+            let listen = Listen {
+                grpc: SocketAddr::from(([127, 0, 0, 1], 0)),
+                admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+                mesh: mesh_addrs.get(index).copied(),
+            };
+            let node = spawn_node(&cluster.spec, cluster.dir.path(), index, listen, peers)?;
             cluster.nodes.push(node);
         }
         let deadline = Instant::now() + spec.start_timeout;
@@ -326,6 +347,61 @@ impl Cluster {
             .ok_or(ClusterError::NoSuchNode(index))?;
         node.killed = true;
         node.kill();
+        Ok(())
+    }
+
+    /// Stops node `index` with SIGSTOP: it keeps its sockets but answers nothing and sends
+    /// nothing, as a node cut off by a partition (or hung) would.
+    pub fn pause(&mut self, index: usize) -> Result<(), ClusterError> {
+        self.signal(index, "-STOP")
+    }
+
+    /// Continues a paused node (SIGCONT).
+    pub fn resume(&mut self, index: usize) -> Result<(), ClusterError> {
+        self.signal(index, "-CONT")
+    }
+
+    fn signal(&mut self, index: usize, which: &str) -> Result<(), ClusterError> {
+        let node = self.nodes.get(index).ok_or(ClusterError::NoSuchNode(index))?;
+        let status = Command::new("kill")
+            .args([which, &node.pid().to_string()])
+            .stdin(Stdio::null())
+            .status()
+            .map_err(io_err("running kill"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(ClusterError::Io {
+                what: format!("kill {which} {}", node.pid()),
+                source: io::Error::other(status.to_string()),
+            })
+        }
+    }
+
+    /// Kills node `index` if it runs and starts it again on the same gRPC, admin and mesh
+    /// addresses with the same `--node-id` (a gossip node rejoins through every other node),
+    /// waiting for its listening line: a crash and a supervisor's restart.
+    pub fn restart(&mut self, index: usize) -> Result<(), ClusterError> {
+        let old = self
+            .nodes
+            .get_mut(index)
+            .ok_or(ClusterError::NoSuchNode(index))?;
+        old.kill();
+        let listen = Listen {
+            grpc: old.grpc,
+            admin: old.admin,
+            mesh: old.mesh,
+        };
+        let peers: Vec<SocketAddr> = self
+            .nodes
+            .iter()
+            .filter(|n| n.index != index)
+            .filter_map(|n| n.mesh)
+            .collect();
+        let mut node = spawn_node(&self.spec, self.dir.path(), index, listen, &peers)?;
+        let deadline = Instant::now() + self.spec.start_timeout;
+        wait_listening(&mut node, deadline, self.spec.start_timeout)?;
+        self.nodes[index] = node;
         Ok(())
     }
 
@@ -452,36 +528,58 @@ fn free_udp_addrs(n: usize) -> Result<Vec<SocketAddr>, ClusterError> {
         .map_err(io_err("reading a UDP port"))
 }
 
+/// Where a node listens (port 0: any free port, reported on its listening line).
+#[derive(Debug, Clone, Copy)]
+struct Listen {
+    /// gRPC address.
+    grpc: SocketAddr,
+    /// Admin HTTP address.
+    admin: SocketAddr,
+    /// Mesh UDP address (gossip only).
+    mesh: Option<SocketAddr>,
+}
+
+/// Starts node `index` in `root/nodeI`; a restart keeps the rules file and appends to the logs
+/// of the previous run (stdout starts afresh, so the new listening line is the one read).
 fn spawn_node(
     spec: &ClusterSpec,
-    binary: &Path,
     root: &Path,
     index: usize,
-    mesh_addrs: &[SocketAddr],
+    listen: Listen,
+    peers: &[SocketAddr],
 ) -> Result<Node, ClusterError> {
     let dir = root.join(format!("node{index}"));
     std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
     let rules = dir.join("rules.yaml");
-    std::fs::write(&rules, &spec.rules_yaml)
-        .map_err(io_err(format!("writing {}", rules.display())))?;
+    if !rules.exists() {
+        std::fs::write(&rules, &spec.rules_yaml)
+            .map_err(io_err(format!("writing {}", rules.display())))?;
+    }
     let stdout = File::create(dir.join("stdout.log")).map_err(io_err("creating stdout.log"))?;
-    let stderr = File::create(dir.join("stderr.log")).map_err(io_err("creating stderr.log"))?;
+    let stderr = File::options()
+        .create(true)
+        .append(true)
+        .open(dir.join("stderr.log"))
+        .map_err(io_err("creating stderr.log"))?;
     let id = format!("node{index}");
 
-    let mut cmd = Command::new(binary);
+    let mut cmd = Command::new(&spec.binary);
     cmd.current_dir(&dir)
         .arg("-c")
         .arg(&rules)
-        .args(["-a", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+        .arg("-a")
+        .arg(listen.grpc.to_string())
+        .arg("--admin-addr")
+        .arg(listen.admin.to_string())
         .args(["--strategy", spec.strategy.as_str()]);
     let mut mesh = None;
-    if spec.strategy == Strategy::Gossip {
-        let own = mesh_addrs[index];
+    if let (Strategy::Gossip, Some(own)) = (spec.strategy, listen.mesh) {
         mesh = Some(own);
         cmd.args(["--node-id", &id])
             .args(["--mesh-addr", &own.to_string()]);
-        if index > 0 {
-            cmd.args(["--peers", &mesh_addrs[0].to_string()]);
+        if !peers.is_empty() {
+            let peers: Vec<String> = peers.iter().map(SocketAddr::to_string).collect();
+            cmd.args(["--peers", &peers.join(",")]);
         }
     }
     cmd.args(&spec.args);
@@ -493,7 +591,7 @@ fn spawn_node(
         .stdout(stdout)
         .stderr(stderr);
     let child = cmd.spawn().map_err(|source| ClusterError::Spawn {
-        binary: binary.to_owned(),
+        binary: spec.binary.clone(),
         source,
     })?;
     Ok(Node {
@@ -751,10 +849,10 @@ mod tests {
 
     #[test]
     fn strategy_names_round_trip() {
-        for s in [Strategy::Standalone, Strategy::Gossip] {
+        for s in [Strategy::Standalone, Strategy::Gossip, Strategy::Redis] {
             assert_eq!(s.as_str().parse::<Strategy>(), Ok(s));
         }
-        assert!("redis".parse::<Strategy>().is_err());
+        assert!("memcached".parse::<Strategy>().is_err());
     }
 
     #[test]
