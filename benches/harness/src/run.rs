@@ -561,7 +561,7 @@ impl ScenarioResult {
         );
         out.push_str(
             "| strategy | nodes | overshoot mean | overshoot worst | false rej. | p50 / p99 / p99.9 | \
-             offered / decided | max throughput | gossip B/node/s | convergence | errors |\n\
+             offered / decided (skipped) | max throughput | gossip B/node/s | convergence | errors |\n\
              | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
         );
         for r in &self.results {
@@ -581,7 +581,7 @@ impl ScenarioResult {
             }
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} / {} / {} µs | {:.0} / {:.0} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} / {} / {} µs | {:.0} / {:.0} ({}) | {} | {} | {} | {} |",
                 r.label,
                 r.nodes,
                 pct(f.overshoot_mean_pct),
@@ -592,6 +592,7 @@ impl ScenarioResult {
                 f.latency.p999_us,
                 f.offered_rps,
                 f.decided_rps,
+                f.skipped,
                 r.max_throughput
                     .as_ref()
                     .map_or("–".into(), |t| format!("{:.0} /s", t.decided_rps)),

@@ -65,8 +65,8 @@ pub struct Scenario {
     /// The keys the calls carry.
     #[serde(default)]
     pub keys: Keys,
-    /// How the load is spread over the nodes.
-    #[serde(default)]
+    /// How the load is spread over the nodes (`even`, `sticky` or `{ weights: [...] }`).
+    #[serde(default, with = "serde_yaml::with::singleton_map")]
     pub spread: Spread,
     /// Per-call timeout.
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
@@ -567,5 +567,42 @@ max_throughput: { duration: 2s }
         let twice = GOOD.replace("  - strategy: standalone\n", "  - strategy: standalone\n  - strategy: standalone\n");
         let e = Scenario::parse(&twice).unwrap_err().to_string();
         assert!(e.contains("used twice"), "{e}");
+    }
+
+    #[test]
+    fn a_scenario_survives_yaml_and_json() {
+        let s = Scenario::parse(GOOD).unwrap();
+        let yaml = serde_yaml::to_string(&s).unwrap();
+        let again = Scenario::parse(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        assert_eq!(again.events.len(), s.events.len());
+        assert_eq!(again.events[2].action, Action::StopRedis);
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["unit"], "second");
+        assert_eq!(json["strategies"][2]["strategy"], "redis");
+    }
+}
+
+#[cfg(test)]
+mod shipped {
+    use super::*;
+
+    #[test]
+    fn every_shipped_scenario_file_is_valid() {
+        let root = crate::cluster::workspace_root().join("benches/scenarios");
+        let mut files = Vec::new();
+        for dir in [root.clone(), root.join("suite")] {
+            for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "yaml") {
+                    files.push(path);
+                }
+            }
+        }
+        assert!(files.len() >= 12, "{files:?}");
+        let mut names = std::collections::BTreeSet::new();
+        for path in files {
+            let s = Scenario::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            assert!(names.insert(s.name.clone()), "two scenarios named {}", s.name);
+        }
     }
 }
