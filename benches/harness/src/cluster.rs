@@ -362,7 +362,10 @@ impl Cluster {
     }
 
     fn signal(&mut self, index: usize, which: &str) -> Result<(), ClusterError> {
-        let node = self.nodes.get(index).ok_or(ClusterError::NoSuchNode(index))?;
+        let node = self
+            .nodes
+            .get(index)
+            .ok_or(ClusterError::NoSuchNode(index))?;
         let status = Command::new("kill")
             .args([which, &node.pid().to_string()])
             .stdin(Stdio::null())

@@ -106,7 +106,12 @@ pub fn cells(
     }
     by_key
         .into_iter()
-        .map(|(key, obs)| (key, truth::analyse(&obs, limit, window, Some(range.clone()))))
+        .map(|(key, obs)| {
+            (
+                key,
+                truth::analyse(&obs, limit, window, Some(range.clone())),
+            )
+        })
         .collect()
 }
 
@@ -124,8 +129,10 @@ pub fn figures(
         .flatten()
         .filter(|w| measured.contains(&w.index))
         .collect();
-    let contended: Vec<&&WindowTruth> =
-        measured_cells.iter().filter(|w| w.offered >= limit).collect();
+    let contended: Vec<&&WindowTruth> = measured_cells
+        .iter()
+        .filter(|w| w.offered >= limit)
+        .collect();
     let sum = |f: fn(&WindowTruth) -> u64| measured_cells.iter().map(|w| f(w)).sum::<u64>();
     let would_admit = sum(|w| w.would_admit);
     let wu = window_micros(window);
@@ -156,7 +163,11 @@ pub fn figures(
         } else {
             contended.iter().map(|w| pct(w.overshoot)).sum::<f64>() / contended.len() as f64
         },
-        overshoot_worst_pct: pct(measured_cells.iter().map(|w| w.overshoot).max().unwrap_or(0)),
+        overshoot_worst_pct: pct(measured_cells
+            .iter()
+            .map(|w| w.overshoot)
+            .max()
+            .unwrap_or(0)),
         overshoot_upper_worst_pct: pct(measured_cells
             .iter()
             .map(|w| w.overshoot_upper)
@@ -224,13 +235,19 @@ pub fn series(
     points.into_values().collect()
 }
 
-/// Seconds from `at_s` (since the load's start) to the end of the last unclean window that
-/// starts before `until_s`; 0 when all are clean, `None` when the last one is not.
-pub fn convergence(points: &[WindowPoint], window: Duration, at_s: f64, until_s: f64) -> Option<f64> {
+/// Seconds from `at_s` (since the load's start) to the end of the last unclean window among
+/// those that end after `at_s` and by `until_s` (the next event: a window it falls in is its
+/// own); 0 when all are clean, `None` when the last one is not (or there is none).
+pub fn convergence(
+    points: &[WindowPoint],
+    window: Duration,
+    at_s: f64,
+    until_s: f64,
+) -> Option<f64> {
     let len = window.as_secs_f64();
     let relevant: Vec<&WindowPoint> = points
         .iter()
-        .filter(|p| p.t_s + len > at_s && p.t_s < until_s)
+        .filter(|p| p.t_s + len > at_s && p.t_s + len <= until_s + 1e-9)
         .collect();
     let last = relevant.last()?;
     if !last.clean {
@@ -367,7 +384,11 @@ mod tests {
         // 21 of 1,000 calls (2.1 %) waited ≥ 30 ms from their intended time: p99 sees it.
         assert!(f.latency.p99_us >= 30_000, "{:?}", f.latency);
         assert!(f.round_trip.p99_us <= 10, "{:?}", f.round_trip);
-        assert!((49_000..=50_100).contains(&f.latency.max_us), "{:?}", f.latency);
+        assert!(
+            (49_000..=50_100).contains(&f.latency.max_us),
+            "{:?}",
+            f.latency
+        );
     }
 
     #[test]
@@ -380,7 +401,10 @@ mod tests {
         let per_key = cells(&obs, 10, W, start..start + 3);
         let s = series(&per_key, 10, W, start..start + 3, start + 1..start + 3);
         assert_eq!(s.len(), 3);
-        assert_eq!((s[0].admitted, s[0].key0_admitted, s[0].measured), (20, 10, false));
+        assert_eq!(
+            (s[0].admitted, s[0].key0_admitted, s[0].measured),
+            (20, 10, false)
+        );
         assert_eq!((s[1].overshoot, s[1].clean), (5, false));
         assert!(s[0].clean && s[2].clean);
         assert_eq!(s[2].t_s, 2.0);
@@ -390,6 +414,8 @@ mod tests {
         assert_eq!(convergence(&s, W, 2.0, 3.0), Some(0.0));
         // Bounded by the next event at 2 s: window 1 is the last one and it is unclean.
         assert_eq!(convergence(&s, W, 0.5, 2.0), None);
+        // A next event inside window 1 leaves window 0 only, which is clean.
+        assert_eq!(convergence(&s, W, 0.0, 1.5), Some(0.0));
     }
 
     #[test]
@@ -400,7 +426,9 @@ mod tests {
         }
         let points = cdf(&h);
         assert_eq!(points.last().unwrap().1, 1.0);
-        assert!(points.windows(2).all(|p| p[0].0 <= p[1].0 && p[0].1 < p[1].1));
+        assert!(points
+            .windows(2)
+            .all(|p| p[0].0 <= p[1].0 && p[0].1 < p[1].1));
         let p99 = points.iter().find(|p| p.1 == 0.99).unwrap().0;
         assert!((9_890..=9_910).contains(&p99), "{p99}");
         assert!(cdf(&latency_histogram()).is_empty());

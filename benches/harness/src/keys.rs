@@ -79,7 +79,10 @@ impl KeyDist {
 
     /// The key a uniform number `u` in `[0, 1)` maps to.
     pub fn key_at(&self, u: f64) -> u32 {
-        let i = self.cdf.partition_point(|c| *c <= u).min(self.keys.len() - 1);
+        let i = self
+            .cdf
+            .partition_point(|c| *c <= u)
+            .min(self.keys.len() - 1);
         self.keys[i]
     }
 
@@ -156,7 +159,11 @@ mod tests {
             let p = d.probability(k);
             let sd = (n as f64 * p * (1.0 - p)).sqrt();
             let diff = (count as f64 - n as f64 * p).abs();
-            assert!(diff < 3.0 * sd + 1.0, "key {k}: {count} vs {}", n as f64 * p);
+            assert!(
+                diff < 3.0 * sd + 1.0,
+                "key {k}: {count} vs {}",
+                n as f64 * p
+            );
         }
         let ratio = d.probability(0) / d.probability(1);
         assert!((ratio - 2f64.powf(1.1)).abs() < 1e-9);

@@ -37,7 +37,7 @@ pub use cluster::{
 pub use experiment::{
     bench_rules, bench_rules_many, bench_rules_per_value, Experiment, ExperimentError,
 };
-pub use scenario::{Scenario, ScenarioError};
 pub use report::{Latency, Report, ReportError, RunInfo, Summary};
+pub use scenario::{Scenario, ScenarioError};
 pub use truth::{analyse, Observation, Outcome, WindowTruth};
 pub use workload::{Load, Workload, WorkloadError};

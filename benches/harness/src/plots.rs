@@ -72,16 +72,24 @@ pub fn admitted(
             .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.stroke_width(2)));
         for (at, what) in events {
             chart
-                .draw_series(LineSeries::new([(*at, 0.0), (*at, y_max)], RGBColor(150, 150, 150)))?
+                .draw_series(LineSeries::new(
+                    [(*at, 0.0), (*at, y_max)],
+                    RGBColor(150, 150, 150),
+                ))?
                 .label(format!("{what} at {at:.1} s"))
                 .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RGBColor(150, 150, 150)));
         }
         for (i, line) in lines.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
             chart
-                .draw_series(LineSeries::new(line.points.iter().copied(), color.stroke_width(2)))?
+                .draw_series(LineSeries::new(
+                    line.points.iter().copied(),
+                    color.stroke_width(2),
+                ))?
                 .label(line.label.as_str())
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
+                });
         }
         chart
             .configure_series_labels()
@@ -125,7 +133,9 @@ pub fn latency_cdf(path: &Path, title: &str, lines: &[Line]) -> Result<(), PlotE
                     color.stroke_width(2),
                 ))?
                 .label(line.label.as_str())
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
+                });
         }
         chart
             .configure_series_labels()
@@ -172,7 +182,12 @@ mod tests {
         admitted(&a, "t", 100, &lines, &[(1.5, "pause node 1".into())]).unwrap();
         let svg = std::fs::read_to_string(&a).unwrap();
         assert!(svg.starts_with("<svg"), "{svg}");
-        for label in ["standalone", "gossip-3", "limit (100)", "pause node 1 at 1.5 s"] {
+        for label in [
+            "standalone",
+            "gossip-3",
+            "limit (100)",
+            "pause node 1 at 1.5 s",
+        ] {
             assert!(svg.contains(label), "{label} missing");
         }
         let c = dir.path().join("c.svg");

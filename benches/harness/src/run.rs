@@ -276,7 +276,8 @@ async fn run_strategy(
         first += 1;
     }
     let load_start_us = first * wu;
-    let measured = first + scenario.warmup_windows..first + scenario.warmup_windows + scenario.windows;
+    let measured =
+        first + scenario.warmup_windows..first + scenario.warmup_windows + scenario.windows;
     let tail_us = window_micros((window / 2).min(Duration::from_millis(50)));
     let end_us = measured.end * wu + tail_us;
     let mut workload = Workload::new(
@@ -387,8 +388,11 @@ async fn run_strategy(
             }
         })
         .collect();
-    let latency_cdf =
-        figures::cdf(&figures::intended_histogram(&load.observations, window, measured));
+    let latency_cdf = figures::cdf(&figures::intended_histogram(
+        &load.observations,
+        window,
+        measured,
+    ));
     drop(load);
 
     let max_throughput = match &scenario.max_throughput {
@@ -607,9 +611,12 @@ impl ScenarioResult {
             .iter()
             .flat_map(|r| {
                 r.events.iter().filter_map(move |e| {
-                    e.error
-                        .as_ref()
-                        .map(|why| format!("- {}: {} at {:.1} s failed: {why}", r.label, e.action, e.t_s))
+                    e.error.as_ref().map(|why| {
+                        format!(
+                            "- {}: {} at {:.1} s failed: {why}",
+                            r.label, e.action, e.t_s
+                        )
+                    })
                 })
             })
             .collect();
@@ -652,7 +659,9 @@ pub fn write(result: &ScenarioResult, dir: &Path) -> Result<(), RunError> {
     let mut events: BTreeMap<String, (f64, String)> = BTreeMap::new();
     for r in &result.results {
         for e in &r.events {
-            events.entry(e.action.clone()).or_insert((e.t_s, e.action.clone()));
+            events
+                .entry(e.action.clone())
+                .or_insert((e.t_s, e.action.clone()));
         }
     }
     let events: Vec<(f64, String)> = events.into_values().collect();
@@ -668,7 +677,11 @@ pub fn write(result: &ScenarioResult, dir: &Path) -> Result<(), RunError> {
         .iter()
         .map(|r| Line {
             label: r.label.clone(),
-            points: r.latency_cdf.iter().map(|&(us, q)| (us as f64, q)).collect(),
+            points: r
+                .latency_cdf
+                .iter()
+                .map(|&(us, q)| (us as f64, q))
+                .collect(),
         })
         .collect();
     plots::latency_cdf(
@@ -689,7 +702,13 @@ mod tests {
             "backend": {"mesh": {"peers": [1, 2], "transport": {"bytes_sent": 1234}}}
         });
         assert_eq!(find_u64(&json["backend"], "bytes_sent"), Some(1234));
-        assert_eq!(find_u64(&serde_json::json!({"x": [{"bytes_sent": 5}]}), "bytes_sent"), Some(5));
-        assert_eq!(find_u64(&serde_json::json!({"bytes_sent": "many"}), "bytes_sent"), None);
+        assert_eq!(
+            find_u64(&serde_json::json!({"x": [{"bytes_sent": 5}]}), "bytes_sent"),
+            Some(5)
+        );
+        assert_eq!(
+            find_u64(&serde_json::json!({"bytes_sent": "many"}), "bytes_sent"),
+            None
+        );
     }
 }

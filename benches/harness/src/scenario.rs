@@ -208,8 +208,7 @@ impl StrategyRun {
 
     /// The node environment these settings mean (the redis URL is added by the runner).
     pub fn env(&self, scenario: &Scenario) -> Vec<(String, String)> {
-        let mut env: Vec<(String, String)> =
-            vec![("RUST_LOG".into(), "warn".into())];
+        let mut env: Vec<(String, String)> = vec![("RUST_LOG".into(), "warn".into())];
         if let Some(interval) = self.gossip_interval {
             env.push((
                 "HIVEMIND_MESH__GOSSIP_INTERVAL".into(),
@@ -370,8 +369,16 @@ impl Scenario {
     }
 
     fn validate(&self) -> Result<(), String> {
-        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c)) {
-            return Err(format!("name: {:?} must be non-empty letters, digits, - or _", self.name));
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+        {
+            return Err(format!(
+                "name: {:?} must be non-empty letters, digits, - or _",
+                self.name
+            ));
         }
         if self.limit == 0 {
             return Err("limit: must be at least 1".into());
@@ -386,7 +393,10 @@ impl Scenario {
             return Err("clients_per_node: at least 1".into());
         }
         if self.keys.count == 0 || self.keys.count > crate::keys::MAX_KEYS {
-            return Err(format!("keys.count: between 1 and {}", crate::keys::MAX_KEYS));
+            return Err(format!(
+                "keys.count: between 1 and {}",
+                crate::keys::MAX_KEYS
+            ));
         }
         if self.keys.zipf.is_some_and(|s| !(s.is_finite() && s >= 0.0)) {
             return Err("keys.zipf: a finite exponent ≥ 0".into());
@@ -445,7 +455,10 @@ impl Scenario {
             return Err(format!("events[{j}].at: after the last measured window"));
         }
         if let Some(m) = &self.max_throughput {
-            if m.duration.is_zero() || m.duration > Duration::from_secs(120) || m.clients_per_node == 0 {
+            if m.duration.is_zero()
+                || m.duration > Duration::from_secs(120)
+                || m.clients_per_node == 0
+            {
                 return Err("max_throughput: duration in (0, 120 s], clients_per_node ≥ 1".into());
             }
         }
@@ -552,7 +565,11 @@ max_throughput: { duration: 2s }
             ("pause_node: 1", "pause_node: 7", "events[0]"),
             ("at: 3s", "at: 4s", "events[2].at"),
             ("count: 100,", "count: 0,", "keys.count"),
-            ("    on_failure: local", "    on_failure: local\n    gossip_interval: 1s", "strategies[2].gossip_interval"),
+            (
+                "    on_failure: local",
+                "    on_failure: local\n    gossip_interval: 1s",
+                "strategies[2].gossip_interval",
+            ),
         ] {
             let bad = GOOD.replace(from, to);
             let e = Scenario::parse(&bad).unwrap_err().to_string();
@@ -564,7 +581,10 @@ max_throughput: { duration: 2s }
     fn labels_default_to_the_strategy_and_must_be_unique() {
         let s = Scenario::parse(GOOD).unwrap();
         assert_eq!(s.strategies[0].label(), "standalone");
-        let twice = GOOD.replace("  - strategy: standalone\n", "  - strategy: standalone\n  - strategy: standalone\n");
+        let twice = GOOD.replace(
+            "  - strategy: standalone\n",
+            "  - strategy: standalone\n  - strategy: standalone\n",
+        );
         let e = Scenario::parse(&twice).unwrap_err().to_string();
         assert!(e.contains("used twice"), "{e}");
     }
@@ -591,7 +611,9 @@ mod shipped {
         let root = crate::cluster::workspace_root().join("benches/scenarios");
         let mut files = Vec::new();
         for dir in [root.clone(), root.join("suite")] {
-            for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            for entry in
+                std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            {
                 let path = entry.unwrap().path();
                 if path.extension().is_some_and(|e| e == "yaml") {
                     files.push(path);
@@ -602,7 +624,11 @@ mod shipped {
         let mut names = std::collections::BTreeSet::new();
         for path in files {
             let s = Scenario::load(&path).unwrap_or_else(|e| panic!("{e}"));
-            assert!(names.insert(s.name.clone()), "two scenarios named {}", s.name);
+            assert!(
+                names.insert(s.name.clone()),
+                "two scenarios named {}",
+                s.name
+            );
         }
     }
 }

@@ -220,7 +220,11 @@ impl Workload {
         if self.sticky && self.keys.is_none() {
             return Err(WorkloadError::Invalid("sticky spread needs keys".into()));
         }
-        if self.keys.as_ref().is_some_and(|k| k.is_empty() || k.len() > crate::keys::MAX_KEYS) {
+        if self
+            .keys
+            .as_ref()
+            .is_some_and(|k| k.is_empty() || k.len() > crate::keys::MAX_KEYS)
+        {
             return Err(WorkloadError::Invalid(format!(
                 "between 1 and {} keys",
                 crate::keys::MAX_KEYS

@@ -6,7 +6,10 @@
 //! The two runs prove the measurement both ways: one standalone node is an exact limiter, so
 //! the clients must see no overshoot and no false rejection; two standalone nodes each enforce
 //! the whole limit, so the clients must see the cluster admit twice the limit (overshoot ≈ 100 %).
-//! Each run lasts about 3–4 s (1 s windows: the partial one, then 3 measured).
+//! Each run lasts about 3–4 s (1 s windows: the partial one, then 3 measured). The smoke test
+//! runs the `hivemind-harness` binary on `benches/scenarios/quick.yaml` shrunk to one node per
+//! strategy and one measured window, and checks that the JSON, markdown and SVGs carry every
+//! figure for every strategy (it needs Debian's `redis-server` for the redis strategy).
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -241,7 +244,10 @@ fn the_quick_scenario_runs_every_strategy_and_writes_every_figure() {
     )
     .expect("valid JSON");
     let results = json["results"].as_array().expect("results");
-    let labels: Vec<&str> = results.iter().map(|r| r["label"].as_str().unwrap()).collect();
+    let labels: Vec<&str> = results
+        .iter()
+        .map(|r| r["label"].as_str().unwrap())
+        .collect();
     assert_eq!(labels, ["standalone", "gossip", "redis"]);
     for r in results {
         let label = r["label"].as_str().unwrap();
@@ -252,12 +258,18 @@ fn the_quick_scenario_runs_every_strategy_and_writes_every_figure() {
         }
         for latency in ["latency", "round_trip"] {
             for p in ["p50_us", "p99_us", "p999_us"] {
-                assert!(f[latency][p].as_u64().is_some_and(|v| v > 0), "{label}: {latency}.{p}: {f}");
+                assert!(
+                    f[latency][p].as_u64().is_some_and(|v| v > 0),
+                    "{label}: {latency}.{p}: {f}"
+                );
             }
         }
         assert!(f["offered_rps"].as_f64().unwrap() > 0.0, "{label}: {f}");
         let t = &r["max_throughput"];
-        assert!(t["decided_rps"].as_f64().is_some_and(|v| v > 0.0), "{label}: {t}");
+        assert!(
+            t["decided_rps"].as_f64().is_some_and(|v| v > 0.0),
+            "{label}: {t}"
+        );
         assert!(t["latency"]["p99_us"].as_u64().is_some(), "{label}: {t}");
         // Gossip traffic is known for gossip only (a 1-node mesh may send nothing: 0 is a value).
         let bytes = &r["gossip_bytes_per_node_per_s"];

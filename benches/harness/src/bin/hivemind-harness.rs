@@ -140,9 +140,13 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
     let mut tables = String::new();
     for scenario in &scenarios {
         // Whole-scenario bound: every phase is bounded; this catches anything that is not.
-        let per_strategy = scenario.window() * (scenario.warmup_windows + scenario.windows + 3) as u32
+        let per_strategy = scenario.window()
+            * (scenario.warmup_windows + scenario.windows + 3) as u32
             + run::READY_TIMEOUT * 2
-            + scenario.max_throughput.as_ref().map_or(Default::default(), |m| m.duration)
+            + scenario
+                .max_throughput
+                .as_ref()
+                .map_or(Default::default(), |m| m.duration)
             + std::time::Duration::from_secs(60);
         let bound = per_strategy * scenario.strategies.len() as u32;
         let result = runtime.block_on(async {
