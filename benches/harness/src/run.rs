@@ -124,8 +124,10 @@ pub struct EventResult {
 /// The closed-loop phase's figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct Throughput {
-    /// Unpaced clients in all.
+    /// Connections in all.
     pub clients: usize,
+    /// Calls in flight in all.
+    pub streams: usize,
     /// How long it ran, seconds.
     pub duration_s: f64,
     /// Decided calls per second.
@@ -496,6 +498,7 @@ async fn max_throughput(
     workload.closed_loop = true;
     workload.keys = scenario.keys.dist();
     workload.clients_per_node = m.clients_per_node;
+    workload.streams_per_client = m.streams_per_client;
     workload.request_timeout = scenario.request_timeout;
     let bar = bar(
         bars,
@@ -519,6 +522,7 @@ async fn max_throughput(
     let secs = m.duration.as_secs_f64();
     Ok(Throughput {
         clients: targets.len() * m.clients_per_node,
+        streams: targets.len() * m.clients_per_node * m.streams_per_client,
         duration_s: secs,
         decided_rps: histogram.len() as f64 / secs,
         errors,
@@ -597,9 +601,13 @@ impl ScenarioResult {
                 f.offered_rps,
                 f.decided_rps,
                 f.skipped,
-                r.max_throughput
-                    .as_ref()
-                    .map_or("–".into(), |t| format!("{:.0} /s", t.decided_rps)),
+                r.max_throughput.as_ref().map_or("–".into(), |t| {
+                    if t.errors == 0 {
+                        format!("{:.0} /s", t.decided_rps)
+                    } else {
+                        format!("{:.0} /s ({} errors)", t.decided_rps, t.errors)
+                    }
+                }),
                 r.gossip_bytes_per_node_per_s
                     .map_or("–".into(), |b| format!("{b:.0}")),
                 convergence,

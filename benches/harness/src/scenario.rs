@@ -289,13 +289,20 @@ pub struct MaxThroughput {
     /// How long it runs.
     #[serde(with = "humantime_serde")]
     pub duration: Duration,
-    /// Unpaced clients per node.
+    /// Connections per node.
     #[serde(default = "default_max_clients")]
     pub clients_per_node: usize,
+    /// Calls in flight per connection (HTTP/2 streams, as h2load's `-m`).
+    #[serde(default = "default_max_streams")]
+    pub streams_per_client: usize,
 }
 
 fn default_max_clients() -> usize {
     8
+}
+
+fn default_max_streams() -> usize {
+    1
 }
 
 /// A scenario file that cannot be used.
@@ -458,8 +465,9 @@ impl Scenario {
             if m.duration.is_zero()
                 || m.duration > Duration::from_secs(120)
                 || m.clients_per_node == 0
+                || !(1..=1_000).contains(&m.streams_per_client)
             {
-                return Err("max_throughput: duration in (0, 120 s], clients_per_node ≥ 1".into());
+                return Err("max_throughput: duration in (0, 120 s], clients_per_node ≥ 1, streams_per_client in 1..=1000".into());
             }
         }
         Ok(())

@@ -66,6 +66,9 @@ pub struct Workload {
     /// Concurrent clients (connections) per target; more clients keep the rate at higher
     /// latency, since each has one call in flight.
     pub clients_per_node: usize,
+    /// Calls in flight per client connection: each connection is shared by this many client
+    /// loops (HTTP/2 streams), as h2load's `-m`. 1 by default.
+    pub streams_per_client: usize,
     /// How long to offer load, from the common start.
     pub duration: Duration,
     /// Per-call bound; a call that takes longer is an error, not a decision.
@@ -116,6 +119,7 @@ impl Workload {
             rate,
             weights: Vec::new(),
             clients_per_node: 4,
+            streams_per_client: 1,
             duration,
             request_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(5),
@@ -230,6 +234,11 @@ impl Workload {
                 crate::keys::MAX_KEYS
             )));
         }
+        if self.streams_per_client == 0 || self.streams_per_client > 1_000 {
+            return Err(WorkloadError::Invalid(
+                "streams_per_client between 1 and 1,000".into(),
+            ));
+        }
         if self.clients_per_node == 0 {
             return Err(WorkloadError::Invalid(
                 "clients_per_node must be at least 1".into(),
@@ -295,18 +304,22 @@ struct ClientPlan {
 pub async fn run(workload: &Workload, targets: &[SocketAddr]) -> Result<Load, WorkloadError> {
     workload.validate(targets.len())?;
     let per_target = workload.plan_targets(targets.len())?;
-    let clients_total =
-        per_target.iter().filter(|(r, _)| *r > 0.0).count() * workload.clients_per_node;
+    let clients_total = per_target.iter().filter(|(r, _)| *r > 0.0).count()
+        * workload.clients_per_node
+        * workload.streams_per_client;
 
     let mut plans = Vec::with_capacity(clients_total);
     for (node, (&addr, (node_rate, keys))) in targets.iter().zip(&per_target).enumerate() {
         if *node_rate <= 0.0 {
             continue;
         }
-        let client_rate = node_rate / workload.clients_per_node as f64;
+        let loops = workload.clients_per_node * workload.streams_per_client;
+        let client_rate = node_rate / loops as f64;
         for _ in 0..workload.clients_per_node {
             let client = connect(addr, workload.connect_timeout).await?;
-            plans.push((node as u32, client, client_rate, keys.clone()));
+            for _ in 0..workload.streams_per_client {
+                plans.push((node as u32, client.clone(), client_rate, keys.clone()));
+            }
         }
     }
 
