@@ -188,6 +188,9 @@ fn task(what: &'static str) -> impl FnOnce(tokio::task::JoinError) -> RunError {
 
 /// Runs every strategy of `scenario`, then writes `results.json`, `results.md`,
 /// `admitted.svg` and `latency-cdf.svg` under `options.out/<name>/`.
+///
+/// Needs a multi-thread tokio runtime: events that block (a node restart waiting for its
+/// listening line, Redis coming back) run in place on their worker thread.
 pub async fn run(
     scenario: &Scenario,
     options: &Options,
