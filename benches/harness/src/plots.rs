@@ -9,6 +9,9 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
+/// The colour of event marks (strategies take Palette99's).
+const EVENT: RGBColor = RGBColor(90, 90, 90);
+
 /// One strategy's line.
 #[derive(Debug, Clone)]
 pub struct Line {
@@ -74,10 +77,10 @@ pub fn admitted(
             chart
                 .draw_series(LineSeries::new(
                     [(*at, 0.0), (*at, y_max)],
-                    RGBColor(150, 150, 150),
+                    EVENT.stroke_width(2),
                 ))?
                 .label(format!("{what} at {at:.1} s"))
-                .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RGBColor(150, 150, 150)));
+                .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], EVENT.stroke_width(2)));
         }
         for (i, line) in lines.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
