@@ -37,6 +37,15 @@ pub fn bench_rules(limit: u64, unit: Unit) -> String {
     )
 }
 
+/// The rules file of a many-key scenario: `generic_key` without a value, so that every value
+/// (`bench-0`, `bench-1`, …) has its own counter limited to `limit` per `unit`.
+pub fn bench_rules_per_value(limit: u64, unit: Unit) -> String {
+    format!(
+        "domain: {DOMAIN}\ndescriptors:\n  - key: {KEY}\n    rate_limit:\n      unit: {unit}\n      \
+         requests_per_unit: {limit}\n"
+    )
+}
+
 /// A rules file with one `generic_key` descriptor per `(value, limit, unit)`, in domain `bench`.
 pub fn bench_rules_many(descriptors: &[(String, u64, Unit)]) -> String {
     let mut yaml = format!("domain: {DOMAIN}\ndescriptors:\n");

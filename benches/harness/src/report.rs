@@ -14,8 +14,9 @@
 //! - **throughput** = calls that got a decision (admitted or rejected), sent in the measured
 //!   windows, per second of measured time; **offered** = calls sent in them per second, to
 //!   compare with the target rate.
-//! - **latency** = round trips of decided calls sent in the measured windows, from an HDR
-//!   histogram (µs, 3 significant digits).
+//! - **latency** = of decided calls sent in the measured windows, from the intended (paced)
+//!   send time to the answer, so client-side queueing counts (coordinated omission), from an
+//!   HDR histogram (µs, 3 significant digits).
 //!
 //! Overshoot without false rejections means nothing (deny-all has zero overshoot), so both are
 //! always reported side by side.
@@ -76,6 +77,28 @@ pub struct Latency {
     pub max_us: u64,
     /// Mean.
     pub mean_us: f64,
+}
+
+impl Latency {
+    /// The percentiles of `histogram` (all zero when it is empty).
+    pub fn of(histogram: &Histogram<u64>) -> Latency {
+        if histogram.is_empty() {
+            return Latency::default();
+        }
+        Latency {
+            count: histogram.len(),
+            p50_us: histogram.value_at_quantile(0.50),
+            p99_us: histogram.value_at_quantile(0.99),
+            p999_us: histogram.value_at_quantile(0.999),
+            max_us: histogram.max(),
+            mean_us: histogram.mean(),
+        }
+    }
+}
+
+/// An empty latency histogram: 1 µs to 1 h, 3 significant digits.
+pub fn latency_histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds")
 }
 
 /// The headline figures.
@@ -285,26 +308,14 @@ pub fn summarise(
 
     let wu = window_micros(window);
     let (lo, hi) = (windows[0].index, windows[n - 1].index);
-    let mut histogram =
-        Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds");
+    let mut histogram = latency_histogram();
     for o in observations {
         let w = window_index(o.sent_us, wu);
         if (lo..=hi).contains(&w) && o.outcome != Outcome::Error {
-            histogram.saturating_record(o.latency_us.max(1));
+            histogram.saturating_record(o.intended_latency_us().max(1));
         }
     }
-    let latency = if histogram.is_empty() {
-        Latency::default()
-    } else {
-        Latency {
-            count: histogram.len(),
-            p50_us: histogram.value_at_quantile(0.50),
-            p99_us: histogram.value_at_quantile(0.99),
-            p999_us: histogram.value_at_quantile(0.999),
-            max_us: histogram.max(),
-            mean_us: histogram.mean(),
-        }
-    };
+    let latency = Latency::of(&histogram);
 
     Summary {
         windows: n,
@@ -375,6 +386,9 @@ mod tests {
         let obs: Vec<Observation> = (0..100)
             .map(|i| Observation {
                 node: 0,
+                key: 0,
+                queued_us: 0,
+                error: None,
                 sent_us: 10_000_000 + i * 1_000,
                 received_us: 10_000_000 + i * 1_000 + 100 + i,
                 latency_us: 100 + i,

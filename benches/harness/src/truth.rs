@@ -48,11 +48,45 @@ pub enum Outcome {
     Error,
 }
 
+/// Why a call got no decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// No answer within the call timeout.
+    Timeout,
+    /// The node could not be reached or refused the call (`UNAVAILABLE`: a dead node, or a
+    /// strategy that is down under policy `error`).
+    Unavailable,
+    /// Any other gRPC status.
+    Status,
+    /// An answer whose overall code was neither `OK` nor `OVER_LIMIT`.
+    Undecided,
+}
+
+impl ErrorKind {
+    /// The kind's name in tables and JSON.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Status => "status",
+            ErrorKind::Undecided => "undecided",
+        }
+    }
+}
+
 /// One call as the client saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Observation {
     /// Index of the node the call went to, so results can be split per node.
     pub node: u32,
+    /// Index of the key (descriptor value) the call carried; 0 for single-key workloads.
+    pub key: u32,
+    /// How late the call went out after its intended (paced) send time, µs: the queueing a
+    /// coordinated-omission-aware latency adds to the round trip.
+    pub queued_us: u64,
+    /// Why the call got no decision, for [`Outcome::Error`] only.
+    pub error: Option<ErrorKind>,
     /// Wall-clock send time, µs since the Unix epoch: the earliest the server can have decided.
     pub sent_us: u64,
     /// Wall-clock receive time, µs since the Unix epoch: the latest the server can have decided.
@@ -61,6 +95,14 @@ pub struct Observation {
     pub latency_us: u64,
     /// The decision, or that there was none.
     pub outcome: Outcome,
+}
+
+impl Observation {
+    /// Latency from the intended send time (the paced tick) to the answer, µs: what a caller
+    /// that sends on schedule waits, stalls of the client included (coordinated omission).
+    pub fn intended_latency_us(&self) -> u64 {
+        self.latency_us.saturating_add(self.queued_us)
+    }
 }
 
 /// The ground truth for one window.
@@ -199,6 +241,9 @@ mod tests {
     fn obs(sent_us: u64, received_us: u64, outcome: Outcome) -> Observation {
         Observation {
             node: 0,
+            key: 0,
+            queued_us: 0,
+            error: None,
             sent_us,
             received_us,
             latency_us: received_us - sent_us,

@@ -20,6 +20,18 @@
 //! in one burst, and a measured window would see, say, 3 % more load than asked for while an
 //! earlier one saw less. With it, bursts stay within `max_lag` worth of calls.
 //!
+//! **Keys.** With [`Workload::keys`] set, each call draws its descriptor value from a
+//! [`KeyDist`] (the last entry's value gets the key index appended: `bench-0`, `bench-1`, …),
+//! with a seeded generator per client; [`Workload::sticky`] sends each key to one node only
+//! (`key % nodes`), each node's rate then being its keys' share of the total.
+//!
+//! **Latency.** Every observation records how late it went out after its tick
+//! ([`Observation::queued_us`](crate::truth::Observation::queued_us)), so latency can be taken
+//! from the intended send time (coordinated-omission aware) rather than from the actual one.
+//!
+//! **Closed loop.** [`Workload::closed_loop`] drops the pacing: each client sends its next call
+//! as soon as the previous one is answered, for the maximum-throughput figure.
+//!
 //! Clients start at evenly staggered offsets within one period so that they do not all fire in
 //! the same millisecond. Every client loop is bounded twice: by the deadline and by a count of
 //! `ceil(rate × duration)` ticks; every call is bounded by `request_timeout`.
@@ -33,7 +45,8 @@ use hivemind::proto::{
 use tokio::time::MissedTickBehavior;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::truth::{Observation, Outcome};
+use crate::keys::KeyDist;
+use crate::truth::{ErrorKind, Observation, Outcome};
 
 /// The most calls one run may plan; beyond it the observations alone would take gigabytes.
 pub const MAX_PLANNED_CALLS: f64 = 50_000_000.0;
@@ -53,6 +66,9 @@ pub struct Workload {
     /// Concurrent clients (connections) per target; more clients keep the rate at higher
     /// latency, since each has one call in flight.
     pub clients_per_node: usize,
+    /// Calls in flight per client connection: each connection is shared by this many client
+    /// loops (HTTP/2 streams), as h2load's `-m`. 1 by default.
+    pub streams_per_client: usize,
     /// How long to offer load, from the common start.
     pub duration: Duration,
     /// Per-call bound; a call that takes longer is an error, not a decision.
@@ -62,6 +78,20 @@ pub struct Workload {
     /// How far behind schedule a client may run and still catch up; ticks later than this are
     /// dropped, so a backlog never turns into a burst of more than `max_lag` worth of calls.
     pub max_lag: Duration,
+    /// Several keys instead of the one descriptor of `entries`: the last entry's value becomes
+    /// `VALUE-K` for a key `K` drawn per call. `None`: one key.
+    pub keys: Option<KeyDist>,
+    /// Key `K` always goes to target `K % targets` (weights are then ignored): the hashing of
+    /// a key to one Envoy. Only with `keys`.
+    pub sticky: bool,
+    /// No pacing: each client calls again as soon as it has its answer (`rate` then only
+    /// bounds the number of calls), for maximum throughput.
+    pub closed_loop: bool,
+    /// Wall-clock start of the load, µs since the epoch (e.g. a window boundary); `None`: as
+    /// soon as every client is connected. A time already past starts at once.
+    pub start_at_us: Option<u64>,
+    /// Seed of the key draws: the same seed offers the same key sequence per client.
+    pub seed: u64,
 }
 
 /// What a workload run produced.
@@ -89,10 +119,55 @@ impl Workload {
             rate,
             weights: Vec::new(),
             clients_per_node: 4,
+            streams_per_client: 1,
             duration,
             request_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(5),
             max_lag: Duration::from_millis(20),
+            keys: None,
+            sticky: false,
+            closed_loop: false,
+            start_at_us: None,
+            seed: 1,
+        }
+    }
+
+    /// The descriptor value of key `k` (see [`Workload::keys`]).
+    pub fn key_value(&self, k: u32) -> String {
+        let base = self.entries.last().map_or("", |(_, v)| v.as_str());
+        format!("{base}-{k}")
+    }
+
+    /// One request per key, indexed by key (one request without `keys`).
+    fn requests(&self) -> Vec<RateLimitRequest> {
+        let Some(keys) = &self.keys else {
+            return vec![self.request()];
+        };
+        (0..keys.len() as u32)
+            .map(|k| {
+                let mut request = self.request();
+                if let Some(last) = request.descriptors[0].entries.last_mut() {
+                    last.value = self.key_value(k);
+                }
+                request
+            })
+            .collect()
+    }
+
+    /// Per target: its rate and the keys it draws from (`None`: the one request, or all keys).
+    fn plan_targets(&self, targets: usize) -> Result<Vec<(f64, Option<KeyDist>)>, WorkloadError> {
+        match (&self.keys, self.sticky) {
+            (Some(keys), true) => Ok((0..targets)
+                .map(|node| {
+                    let (sub, mass) = keys.restricted(node, targets);
+                    (self.rate * mass, Some(sub))
+                })
+                .collect()),
+            (keys, _) => Ok(self
+                .rates_per_target(targets)?
+                .into_iter()
+                .map(|rate| (rate, keys.clone()))
+                .collect()),
         }
     }
 
@@ -146,6 +221,24 @@ impl Workload {
                 self.rate
             )));
         }
+        if self.sticky && self.keys.is_none() {
+            return Err(WorkloadError::Invalid("sticky spread needs keys".into()));
+        }
+        if self
+            .keys
+            .as_ref()
+            .is_some_and(|k| k.is_empty() || k.len() > crate::keys::MAX_KEYS)
+        {
+            return Err(WorkloadError::Invalid(format!(
+                "between 1 and {} keys",
+                crate::keys::MAX_KEYS
+            )));
+        }
+        if self.streams_per_client == 0 || self.streams_per_client > 1_000 {
+            return Err(WorkloadError::Invalid(
+                "streams_per_client between 1 and 1,000".into(),
+            ));
+        }
         if self.clients_per_node == 0 {
             return Err(WorkloadError::Invalid(
                 "clients_per_node must be at least 1".into(),
@@ -196,6 +289,12 @@ struct ClientPlan {
     first: tokio::time::Instant,
     /// Its bound on the number of ticks (calls made plus calls skipped).
     max_ticks: usize,
+    /// The keys it draws from; `None`: always request 0.
+    keys: Option<KeyDist>,
+    /// Its own seeded generator for the draws.
+    rng: fastrand::Rng,
+    /// Unpaced: call again as soon as answered.
+    closed_loop: bool,
 }
 
 /// Offers `workload` to `targets` (gRPC addresses, in node order) and returns every call it
@@ -204,27 +303,40 @@ struct ClientPlan {
 /// All clients connect before the clock starts; the load then runs for `workload.duration`.
 pub async fn run(workload: &Workload, targets: &[SocketAddr]) -> Result<Load, WorkloadError> {
     workload.validate(targets.len())?;
-    let rates = workload.rates_per_target(targets.len())?;
-    let clients_total = rates.iter().filter(|r| **r > 0.0).count() * workload.clients_per_node;
+    let per_target = workload.plan_targets(targets.len())?;
+    let clients_total = per_target.iter().filter(|(r, _)| *r > 0.0).count()
+        * workload.clients_per_node
+        * workload.streams_per_client;
 
     let mut plans = Vec::with_capacity(clients_total);
-    for (node, (&addr, &node_rate)) in targets.iter().zip(&rates).enumerate() {
-        if node_rate <= 0.0 {
+    for (node, (&addr, (node_rate, keys))) in targets.iter().zip(&per_target).enumerate() {
+        if *node_rate <= 0.0 {
             continue;
         }
-        let client_rate = node_rate / workload.clients_per_node as f64;
+        let loops = workload.clients_per_node * workload.streams_per_client;
+        let client_rate = node_rate / loops as f64;
         for _ in 0..workload.clients_per_node {
             let client = connect(addr, workload.connect_timeout).await?;
-            plans.push((node as u32, client, client_rate));
+            for _ in 0..workload.streams_per_client {
+                plans.push((node as u32, client.clone(), client_rate, keys.clone()));
+            }
         }
     }
 
     // Start a little ahead so that spawning every task does not eat into the first period.
-    let start = tokio::time::Instant::now() + Duration::from_millis(20);
+    let soon = tokio::time::Instant::now() + Duration::from_millis(20);
+    let start = match workload.start_at_us {
+        Some(at) => {
+            let wait = at.saturating_sub(unix_micros(SystemTime::now()));
+            tokio::time::Instant::now() + Duration::from_micros(wait)
+        }
+        None => soon,
+    }
+    .max(soon);
     let deadline = start + workload.duration;
-    let request = workload.request();
+    let requests = std::sync::Arc::new(workload.requests());
     let mut tasks = Vec::with_capacity(plans.len());
-    for (k, (node, client, client_rate)) in plans.into_iter().enumerate() {
+    for (k, (node, client, client_rate, keys)) in plans.into_iter().enumerate() {
         let period = Duration::from_secs_f64(1.0 / client_rate);
         let plan = ClientPlan {
             node,
@@ -232,10 +344,13 @@ pub async fn run(workload: &Workload, targets: &[SocketAddr]) -> Result<Load, Wo
             period,
             first: start + period.mul_f64(k as f64 / clients_total as f64),
             max_ticks: (client_rate * workload.duration.as_secs_f64()).ceil() as usize,
+            keys,
+            rng: fastrand::Rng::with_seed(workload.seed.wrapping_add(k as u64)),
+            closed_loop: workload.closed_loop,
         };
         tasks.push(tokio::spawn(client_loop(
             plan,
-            request.clone(),
+            requests.clone(),
             deadline,
             workload.request_timeout,
             workload.max_lag,
@@ -271,46 +386,57 @@ async fn connect(
 /// Returns the calls made and the number of ticks dropped for running behind.
 async fn client_loop(
     mut plan: ClientPlan,
-    request: RateLimitRequest,
+    requests: std::sync::Arc<Vec<RateLimitRequest>>,
     deadline: tokio::time::Instant,
     request_timeout: Duration,
     max_lag: Duration,
 ) -> (Vec<Observation>, u64) {
     let mut ticks = tokio::time::interval_at(plan.first, plan.period);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Burst);
-    let mut out = Vec::with_capacity(plan.max_ticks);
+    // Bounded up front: a closed-loop budget can be far more calls than will be made.
+    let mut out = Vec::with_capacity(plan.max_ticks.min(1 << 16));
     let mut skipped = 0u64;
     for _ in 0..plan.max_ticks {
-        let Ok(scheduled) = tokio::time::timeout_at(deadline, ticks.tick()).await else {
-            break;
+        let queued = if plan.closed_loop {
+            if tokio::time::Instant::now() < plan.first {
+                tokio::time::sleep_until(plan.first).await;
+            }
+            Duration::ZERO
+        } else {
+            let Ok(scheduled) = tokio::time::timeout_at(deadline, ticks.tick()).await else {
+                break;
+            };
+            tokio::time::Instant::now().saturating_duration_since(scheduled)
         };
-        let now = tokio::time::Instant::now();
-        if now >= deadline {
+        if tokio::time::Instant::now() >= deadline {
             break;
         }
-        if now.saturating_duration_since(scheduled) > max_lag {
+        if queued > max_lag {
             skipped += 1;
             continue;
         }
+        let key = plan.keys.as_ref().map_or(0, |d| d.sample(&mut plan.rng));
+        let request = requests[key as usize].clone();
         let sent_us = unix_micros(SystemTime::now());
         let sent = Instant::now();
-        let answer = tokio::time::timeout(
-            request_timeout,
-            plan.client.should_rate_limit(request.clone()),
-        )
-        .await;
+        let answer =
+            tokio::time::timeout(request_timeout, plan.client.should_rate_limit(request)).await;
         let latency = sent.elapsed();
         let received_us = unix_micros(SystemTime::now());
-        let outcome = match answer {
+        let (outcome, error) = match answer {
             Ok(Ok(response)) => match Code::try_from(response.get_ref().overall_code) {
-                Ok(Code::Ok) => Outcome::Admitted,
-                Ok(Code::OverLimit) => Outcome::Rejected,
-                _ => Outcome::Error,
+                Ok(Code::Ok) => (Outcome::Admitted, None),
+                Ok(Code::OverLimit) => (Outcome::Rejected, None),
+                _ => (Outcome::Error, Some(ErrorKind::Undecided)),
             },
-            Ok(Err(_)) | Err(_) => Outcome::Error,
+            Ok(Err(status)) => (Outcome::Error, Some(error_kind(status.code()))),
+            Err(_) => (Outcome::Error, Some(ErrorKind::Timeout)),
         };
         out.push(Observation {
             node: plan.node,
+            key,
+            queued_us: u64::try_from(queued.as_micros()).unwrap_or(u64::MAX),
+            error,
             sent_us,
             received_us,
             latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
@@ -318,6 +444,15 @@ async fn client_loop(
         });
     }
     (out, skipped)
+}
+
+/// The kind of a failed call's gRPC status.
+fn error_kind(code: tonic::Code) -> ErrorKind {
+    match code {
+        tonic::Code::Unavailable => ErrorKind::Unavailable,
+        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => ErrorKind::Timeout,
+        _ => ErrorKind::Status,
+    }
 }
 
 /// Microseconds since the Unix epoch (0 for a clock set before 1970).

@@ -6,7 +6,10 @@
 //! The two runs prove the measurement both ways: one standalone node is an exact limiter, so
 //! the clients must see no overshoot and no false rejection; two standalone nodes each enforce
 //! the whole limit, so the clients must see the cluster admit twice the limit (overshoot ≈ 100 %).
-//! Each run lasts about 3–4 s (1 s windows: the partial one, then 3 measured).
+//! Each run lasts about 3–4 s (1 s windows: the partial one, then 3 measured). The smoke test
+//! runs the `hivemind-harness` binary on `benches/scenarios/quick.yaml` shrunk to one node per
+//! strategy and one measured window, and checks that the JSON, markdown and SVGs carry every
+//! figure for every strategy (it needs Debian's `redis-server` for the redis strategy).
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -201,4 +204,95 @@ async fn a_gossip_cluster_forms_and_reports_its_mesh_addresses() {
     mesh.sort();
     mesh.dedup();
     assert_eq!(mesh.len(), 3);
+}
+
+/// The figures every strategy's result must carry (`figures.*` in the JSON).
+const FIGURES: &[&str] = &[
+    "overshoot_mean_pct",
+    "overshoot_worst_pct",
+    "overshoot_upper_worst_pct",
+    "false_rejection_pct",
+    "offered_rps",
+    "decided_rps",
+    "errors",
+    "skipped",
+];
+
+#[test]
+fn the_quick_scenario_runs_every_strategy_and_writes_every_figure() {
+    // The quick preset, shrunk: 1 node per strategy, 1 measured window, 1 s of max throughput.
+    let out = tempfile::tempdir().expect("tempdir");
+    let scenario = hivemind_harness::cluster::workspace_root().join("benches/scenarios/quick.yaml");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_hivemind-harness"))
+        .arg("run")
+        .arg(&scenario)
+        .args(["--nodes", "1", "--windows", "1", "--warmup", "0"])
+        .args(["--max-throughput-secs", "1"])
+        .arg("--binary")
+        .arg(hivemind())
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .expect("run hivemind-harness");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+
+    let dir = out.path().join("quick");
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("results.json")).expect("results.json"),
+    )
+    .expect("valid JSON");
+    let results = json["results"].as_array().expect("results");
+    let labels: Vec<&str> = results
+        .iter()
+        .map(|r| r["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, ["standalone", "gossip", "redis"]);
+    for r in results {
+        let label = r["label"].as_str().unwrap();
+        assert_eq!(r["nodes"], 1, "{label}");
+        let f = &r["figures"];
+        for figure in FIGURES {
+            assert!(!f[figure].is_null(), "{label}: no {figure}: {f}");
+        }
+        for latency in ["latency", "round_trip"] {
+            for p in ["p50_us", "p99_us", "p999_us"] {
+                assert!(
+                    f[latency][p].as_u64().is_some_and(|v| v > 0),
+                    "{label}: {latency}.{p}: {f}"
+                );
+            }
+        }
+        assert!(f["offered_rps"].as_f64().unwrap() > 0.0, "{label}: {f}");
+        let t = &r["max_throughput"];
+        assert!(
+            t["decided_rps"].as_f64().is_some_and(|v| v > 0.0),
+            "{label}: {t}"
+        );
+        assert!(t["latency"]["p99_us"].as_u64().is_some(), "{label}: {t}");
+        // Gossip traffic is known for gossip only (a 1-node mesh may send nothing: 0 is a value).
+        let bytes = &r["gossip_bytes_per_node_per_s"];
+        assert_eq!(bytes.is_number(), label == "gossip", "{label}: {bytes}");
+        assert!(r.get("convergence_after_start_s").is_some(), "{label}");
+        assert!(!r["series"].as_array().unwrap().is_empty(), "{label}");
+        let cdf = r["latency_cdf"].as_array().unwrap();
+        assert_eq!(cdf.last().unwrap()[1], 1.0, "{label}: {cdf:?}");
+        // One standalone node is an exact limiter, seen through the same pipeline.
+        if label == "standalone" {
+            assert_eq!(f["overshoot_worst_pct"], 0.0, "{f}");
+        }
+    }
+    for svg in ["admitted.svg", "latency-cdf.svg"] {
+        let text = std::fs::read_to_string(dir.join(svg)).unwrap_or_else(|e| panic!("{svg}: {e}"));
+        assert!(text.starts_with("<svg"), "{svg}");
+        for label in &labels {
+            assert!(text.contains(label), "{svg} has no line for {label}");
+        }
+    }
+    let md = std::fs::read_to_string(dir.join("results.md")).expect("results.md");
+    for label in &labels {
+        assert!(md.contains(&format!("| {label} | 1 |")), "{md}");
+        assert!(stdout.contains(&format!("| {label} | 1 |")), "{stdout}");
+    }
 }

@@ -12,8 +12,12 @@
 //! A missing `redis-server` or `redis-cli` panics with the command that installs it: the tests
 //! that need them never skip silently.
 //!
-//! The hivemind processes themselves are launched by the server's `test/support` module, which
-//! needs the binary cargo builds for that test crate.
+//! - [`cluster`]: N real `hivemind` processes (standalone, gossip or redis) with their listening
+//!   line parsed, readiness waits, kill / pause / resume / restart, and a minimal admin HTTP GET;
+//!   used by the benchmark harness. The server's own tests still launch through `test/support`,
+//!   which needs the binary cargo builds for that test crate; moving them here is next.
+
+pub mod cluster;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
