@@ -1,7 +1,10 @@
 //! End to end: real `hivemind` processes, real gRPC clients, the real measurement.
 //!
-//! `CARGO_BIN_EXE_hivemind` only exists inside the server's own package, so the binary is
-//! built here once (`cargo build -p hivemind --bin hivemind`, debug) and shared by the tests.
+//! `CARGO_BIN_EXE_hivemind` only exists inside the server's own package, so these tests run
+//! the server binary cargo built beside them: `target/debug/hivemind` of the same target
+//! directory, which `cargo test --workspace` (and so `test/run`) builds before any test runs,
+//! because the server's own tests need it. `HIVEMIND_BIN` names another one. A test never runs
+//! cargo itself; a missing binary fails with the command that builds it.
 //!
 //! The two runs prove the measurement both ways: one standalone node is an exact limiter, so
 //! the clients must see no overshoot and no false rejection; two standalone nodes each enforce
@@ -17,12 +20,32 @@ use std::time::Duration;
 
 use hivemind_core::Unit;
 use hivemind_harness::cluster::{Cluster, ClusterSpec};
-use hivemind_harness::{build_hivemind, Experiment, Profile, Strategy};
+use hivemind_harness::{Experiment, Strategy};
 
+/// The server binary under test: `$HIVEMIND_BIN`, or `hivemind` in the target directory this
+/// test executable runs from (`target/debug/deps/e2e-…` → `target/debug/hivemind`).
 fn hivemind() -> PathBuf {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY
-        .get_or_init(|| build_hivemind(Profile::Debug).unwrap_or_else(|e| panic!("{e}")))
+        .get_or_init(|| {
+            let binary = std::env::var_os("HIVEMIND_BIN")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    let exe = std::env::current_exe().expect("test executable path");
+                    let profile_dir = exe.parent().and_then(|deps| deps.parent());
+                    profile_dir
+                        .expect("test executable under target/<profile>/deps")
+                        .join(format!("hivemind{}", std::env::consts::EXE_SUFFIX))
+                });
+            assert!(
+                binary.is_file(),
+                "no server binary at {}: run the tests with `cargo test --workspace` (or \
+                 test/run), which builds it, or `cargo build -p hivemind` first, or set \
+                 HIVEMIND_BIN",
+                binary.display()
+            );
+            binary
+        })
         .clone()
 }
 
