@@ -14,7 +14,8 @@
 
 use crate::view::PeerEstimate;
 
-/// The prior (hits/s) added to this node's side of the fair share. It was 1 hit/s, negligible
+/// The prior (hits/s, over [`Admission::delay_secs`]) added to this node's side of the fair
+/// share. It was 1 hit/s, negligible
 /// against rates of hundreds per second but not at low limits: at 10 per second on 9 nodes each
 /// node admits about 1 hit/s, its share came out 2.1 / 11 ≈ 0.19 instead of 0.11, and the
 /// nodes' shares summed to 1.7 (each took the last hits as if it were almost alone).
@@ -92,9 +93,8 @@ impl Admission {
 
     /// This node's share of the remainder by observed demand: its hits in the window plus
     /// those it makes before its peers hear of them (its rate over [`Self::delay_secs`]),
-    /// against the same for all nodes (its own count and the
-    /// peers' counted estimate, their rates). Counts make the share of a node that admits a
-    /// few hits per second what it is: its rate alone, refreshed every publication round, is
+    /// against the same for all nodes (the peers' counted estimate and their rate). Counts
+    /// make the share of a node that admits a few hits per second what it is: its rate alone, refreshed every publication round, is
     /// near its peak just after a hit and near 0 just before the next one, so at the moment it
     /// asks it was a fraction of the peers' (a tenth at 10 per second on 3 nodes), and the
     /// shares of all nodes summed to far less than 1. Counts of one window are the same
