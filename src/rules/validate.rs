@@ -48,7 +48,8 @@ pub(crate) fn document(root: &Yaml) -> Result<Document> {
     let Some(map) = collection(root, Path::Root, SHAPE, not_a_map, Yaml::map)? else {
         return invalid(root, "missing domain (the file has no YAML document)");
     };
-    let (mut domain, mut descriptors) = (Slot::new(domain), Slot::new(list));
+    let mut domain = Slot::new(|value, path| non_empty(value, path, "domain is empty"));
+    let mut descriptors = Slot::new(list);
     Section {
         name: "the rules file",
         merges: false,
@@ -94,9 +95,10 @@ impl fmt::Display for Path<'_> {
 impl Path<'_> {
     /// The key of the field this path ends at ("" at the root or an index).
     fn key(&self) -> &str {
-        match self {
-            Path::Key(_, key) => key,
-            _ => "",
+        if let Path::Key(_, key) = self {
+            key
+        } else {
+            ""
         }
     }
 }
@@ -188,21 +190,15 @@ impl Section<'_> {
         let Some(Scalar::Text(text)) = key.scalar() else {
             return invalid(key, format!("key is not a string: {}", key.found()));
         };
-        let keys = self.fields.iter().map(|field| field.0);
+        let (name, keys) = (self.name, self.fields.iter().map(|field| field.0));
         let merge = (self.merges && text == "<<").then_some(self.fields.len());
         let Some(i) = keys.clone().position(|k| k == text).or(merge) else {
             let expected = keys.collect::<Vec<_>>().join(", ");
-            let message = format!(
-                "unknown key '{text}' in {} (expected {expected})",
-                self.name
-            );
+            let message = format!("unknown key '{text}' in {name} (expected {expected})");
             return invalid(key, message);
         };
         if *seen & (1 << i) != 0 {
-            return invalid(
-                key,
-                format!("key '{text}' appears twice in one {}", self.name),
-            );
+            return invalid(key, format!("key '{text}' appears twice in one {name}"));
         }
         *seen |= 1 << i;
         Ok(i)
@@ -307,24 +303,21 @@ fn non_empty(value: &Yaml, path: Path, empty: &str) -> Result<Option<String>> {
     }
 }
 
-/// The file's `domain`.
-fn domain(value: &Yaml, path: Path) -> Result<Option<String>> {
-    non_empty(value, path, "domain is empty")
-}
+/// The spellings of true and false yaml.v2 reads (YAML 1.1), plain or quoted.
+const TRUE: [&str; 11] = [
+    "y", "Y", "yes", "Yes", "YES", "on", "On", "ON", "true", "True", "TRUE",
+];
+const FALSE: [&str; 11] = [
+    "n", "N", "no", "No", "NO", "off", "Off", "OFF", "false", "False", "FALSE",
+];
 
-/// A boolean flag: YAML 1.1 spellings as yaml.v2 reads them; null is false.
+/// A boolean flag, spelled as in [`TRUE`] and [`FALSE`]; null is false.
 fn flag(value: &Yaml, path: Path) -> Result<Option<bool>> {
     let on = match scalar(value, path, "true or false")? {
         Some(Scalar::Null) => Some(false),
         Some(Scalar::Bool(on)) => Some(on),
-        Some(Scalar::Text(text)) => match text {
-            "y" | "Y" | "yes" | "Yes" | "YES" | "on" | "On" | "ON" | "true" | "True" | "TRUE" => {
-                Some(true)
-            }
-            "n" | "N" | "no" | "No" | "NO" | "off" | "Off" | "OFF" | "false" | "False"
-            | "FALSE" => Some(false),
-            _ => None,
-        },
+        Some(Scalar::Text(text)) if TRUE.contains(&text) => Some(true),
+        Some(Scalar::Text(text)) if FALSE.contains(&text) => Some(false),
         _ => None,
     };
     match on {
@@ -403,9 +396,8 @@ fn json(value: &Yaml, path: Path) -> Result<serde_json::Value> {
         (_, Some(Scalar::Bool(b))) => Json::Bool(b),
         (_, Some(Scalar::Unsigned(n))) => Json::from(n),
         (_, Some(Scalar::Signed(n))) => Json::from(n),
-        (_, Some(Scalar::Float(f))) => {
-            serde_json::Number::from_f64(f).map_or(Json::Null, Json::Number)
-        }
+        // Not a number (NaN, infinite) is null.
+        (_, Some(Scalar::Float(f))) => Json::from(f),
         (_, Some(Scalar::Huge(text))) => return huge(value, path, text, "any YAML value"),
         (_, Some(Scalar::Text(text))) => Json::String(text.to_owned()),
         (_, Some(Scalar::Null) | None) => Json::Null,
