@@ -214,7 +214,8 @@ trait Offer {
 /// A field of a [`Section`]: how to read its value, and the value kept so far with the rank of
 /// the map it came from. The lowest rank wins: the section's own map is 0 and its `<<` sources
 /// count up in pre-order, so an explicit key beats merged ones, then an earlier source (with its
-/// own sources) a later one. A value read as absent (`None`) leaves the field to other maps.
+/// own sources) a later one. A value read as absent (`None`: a null or empty string) leaves the
+/// field to other maps; flags, counts and lists are never absent, their null is false, 0, empty.
 struct Slot<T> {
     /// Validates a value where it is written.
     read: fn(&Yaml, Path) -> Result<Option<T>>,

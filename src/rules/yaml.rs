@@ -61,6 +61,7 @@ pub(crate) struct Invalid {
 }
 
 impl Invalid {
+    /// A problem at `line` (or at no place in particular).
     pub(crate) fn new(line: Option<usize>, message: impl Into<String>) -> Self {
         let message = message.into();
         Invalid { line, message }
@@ -125,6 +126,7 @@ fn libyaml_error(text: &str) -> Invalid {
 
 /// Assembles the parser's events into [`Yaml`] nodes.
 struct Reader<'t> {
+    /// The events of `text`.
     parser: Parser<'t, StrInput<'t>>,
     /// The text as given, for libyaml's message when the parser refuses it.
     source: &'t str,
@@ -136,6 +138,7 @@ struct Reader<'t> {
     copied: usize,
     /// The text's lines, split at the first block scalar (see [`Reader::header_line`]).
     lines: Vec<&'t str>,
+    /// The text being read (`source`, or a copy with tabs patched).
     text: &'t str,
 }
 
@@ -329,6 +332,8 @@ pub(crate) fn resolve(text: &str) -> Scalar<'_> {
         "" | "~" | "null" | "Null" | "NULL" => return Scalar::Null,
         "true" | "True" | "TRUE" => return Scalar::Bool(true),
         "false" | "False" | "FALSE" => return Scalar::Bool(false),
+        // No number starts with a letter (`inf` and `nan` are only numbers with a dot).
+        _ if text.starts_with(char::is_alphabetic) => return Scalar::Text(text),
         _ => {}
     }
     let (negative, unsigned) = match text.as_bytes()[0] {
