@@ -57,13 +57,6 @@ pub struct Telemetry {
     flush_timeout: Duration,
 }
 
-impl Telemetry {
-    /// Whether spans are exported.
-    pub fn exporting(&self) -> bool {
-        self.provider.is_some()
-    }
-}
-
 impl Drop for Telemetry {
     fn drop(&mut self) {
         let Some(provider) = self.provider.take() else {
