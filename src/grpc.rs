@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use hivemind_core::ErrorKind;
 use tonic::{Request, Response, Status};
 use tracing::{debug, Instrument};
 
@@ -62,10 +61,6 @@ fn outcome(decided: &Result<RateLimitResponse, LimitError>) -> (&'static str, bo
         Ok(response) if response.overall_code == Code::OverLimit as i32 => ("over_limit", false),
         Ok(_) => ("ok", false),
         Err(LimitError::InvalidRequest(_)) => ("invalid_request", true),
-        Err(LimitError::Strategy(e)) => match e.kind() {
-            ErrorKind::Unavailable => ("unavailable", true),
-            ErrorKind::Timeout => ("timeout", true),
-            ErrorKind::Rejected => ("rejected", true),
-        },
+        Err(LimitError::Strategy(e)) => (e.kind().as_str(), true),
     }
 }
