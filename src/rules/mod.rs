@@ -269,7 +269,8 @@ impl RuleSet {
     /// descriptor has `key, value, line, rate_limit {unit, requests_per_unit, name, replaces,
     /// unlimited} | null, shadow_mode, quota_mode, share_threshold, detailed_metric,
     /// value_to_metric, metadata, stat_name, descriptors`. `value_to_metric` is the descriptor's
-    /// own flag, with or without a `rate_limit`; the other flags are its rule's.
+    /// own flag, with or without a `rate_limit`, read from the rules at or below it (false where
+    /// there are none: it reports nothing there); the other flags are its rule's.
     pub fn to_json(&self) -> serde_json::Value {
         let domains: Vec<serde_json::Value> = self
             .domains()
