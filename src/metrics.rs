@@ -7,8 +7,9 @@
 //!   envoyproxy/ratelimit's statsd stats come out of the usual Prometheus statsd mapping
 //!   (`ratelimit_service_rate_limit_total_hits{domain, key}`), the decision latency histogram
 //!   and strategy errors by kind. The `key` label is the rule's stat name from the rules file
-//!   (its configured keys and values, never request values), so the label sets are bounded by
-//!   the rules.
+//!   (its configured keys and values), so the label sets are bounded by the rules; only rules
+//!   with `detailed_metric` or `value_to_metric` show request values, in keys of bounded length
+//!   and number ([`stat_key`], [`MAX_RULE_SERIES`]).
 //! - **Per scrape**, read when `/metrics` is asked: the strategy's health, its local counters,
 //!   every numeric figure of its backend details (as `hivemind_backend_*` gauges, whatever the
 //!   backend), the rules hash and the reload counts.
@@ -38,12 +39,13 @@ const LATENCY_BUCKETS: [f64; 14] = [
 ];
 
 /// The most distinct (domain, key) series kept; keys beyond it share the `_other` key. Rules
-/// files bound the series of plain rules already; this bounds `detailed_metric` rules, whose
-/// keys come from requests, and a pathological rules file.
+/// files bound the series of plain rules already; this bounds `detailed_metric` and
+/// `value_to_metric` rules, whose keys come from requests, and a pathological rules file.
 pub const MAX_RULE_SERIES: usize = 10_000;
 
-/// The longest `detailed_metric` key (the request descriptor as `key_value.key_value`) reported
-/// as its own series, in bytes; a longer one counts under the rule's stat name.
+/// The longest key with request values (`detailed_metric`: the request descriptor as
+/// `key_value.key_value`; `value_to_metric`: some of its levels so) reported as its own series,
+/// in bytes; a longer one counts under the rule's stat name.
 pub const MAX_DETAILED_KEY_BYTES: usize = 256;
 
 /// Backend figures flattened into gauges, at most: a bound on what one scrape exposes.
@@ -75,8 +77,8 @@ pub struct Metrics {
     /// Strategy errors by kind (unavailable, timeout, rejected).
     errors: [Counter; 3],
     /// (domain → key → counters), filled on first use. foldhash: without flood resistance,
-    /// but the keys are the rules' stat names or, for `detailed_metric` rules, at most
-    /// [`MAX_RULE_SERIES`] request descriptors of bounded length.
+    /// but the keys are the rules' stat names or, for `detailed_metric` and `value_to_metric`
+    /// rules, at most [`MAX_RULE_SERIES`] keys from requests, of bounded length.
     rules: RwLock<RuleMap<RuleMap<RuleCounters>>>,
     /// The `_other` counters, once the series cap is reached: later unknown keys count here
     /// without taking the write lock.
@@ -165,8 +167,8 @@ impl Metrics {
     }
 
     /// Records a counted hit of `rule` in `domain` for the request descriptor `entries`, and its
-    /// decision: under the rule's stat name, or for a `detailed_metric` rule under the
-    /// descriptor itself ([`stat_key`]).
+    /// decision: under the rule's stat name, or for a `detailed_metric` or `value_to_metric` rule
+    /// under a key with the request's values ([`stat_key`]).
     pub fn record_hit<'e>(
         &self,
         domain: &str,
@@ -329,30 +331,41 @@ impl Metrics {
     }
 }
 
-/// The `key` label of a hit of `rule` for the request descriptor `entries`: the rule's stat
-/// name (its configured keys and values, `tenant.user`), or with `detailed_metric: true` the
-/// descriptor's own entries as envoyproxy/ratelimit keys detailed stats, `key_value` per entry
-/// (`key` alone for an empty value), '.' between them: `tenant_acme.user_alice`.
+/// The `key` label of a hit of `rule` for the request descriptor `entries` (the entries that
+/// found the rule, one per level of its path), as envoyproxy/ratelimit keys its stats:
+///
+/// - by default the rule's stat name: its configured keys and values, `tenant.user`;
+/// - with `value_to_metric: true` on some levels of the path, those levels show the request's
+///   entry (`key_value`, `key` alone for an empty value) and the others their configured
+///   segment: `tenant_acme.user` for `value_to_metric` on `tenant`, a wildcard level its request
+///   value rather than its pattern;
+/// - with `detailed_metric: true` on the rule, which wins over `value_to_metric`, every entry of
+///   the descriptor shows its value: `tenant_acme.user_alice`.
 ///
 /// Request values are not trusted: characters that would need escaping in the exposition
 /// format or that a stat name cannot hold (control characters, `"`, `\`) become `_`, and a
-/// descriptor longer than [`MAX_DETAILED_KEY_BYTES`] counts under the rule's stat name.
+/// key longer than [`MAX_DETAILED_KEY_BYTES`] counts under the rule's stat name. A plain rule
+/// costs no allocation.
 pub fn stat_key<'r, 'e>(
     rule: &'r Rule,
     entries: impl IntoIterator<Item = (&'e str, &'e str)>,
 ) -> Cow<'r, str> {
-    if !rule.detailed_metric {
+    if !rule.detailed_metric && !rule.value_to_metric() {
         return Cow::Borrowed(&rule.stat_name);
     }
     let mut key = String::new();
-    for (name, value) in entries {
-        if !key.is_empty() {
+    for (i, (level, (name, value))) in rule.stat_levels.iter().zip(entries).enumerate() {
+        if i > 0 {
             key.push('.');
         }
-        key.push_str(name);
-        if !value.is_empty() {
-            key.push('_');
-            key.push_str(value);
+        if rule.detailed_metric || level.value_to_metric {
+            key.push_str(name);
+            if !value.is_empty() {
+                key.push('_');
+                key.push_str(value);
+            }
+        } else {
+            key.push_str(&level.segment);
         }
         if key.len() > MAX_DETAILED_KEY_BYTES {
             return Cow::Borrowed(&rule.stat_name);
@@ -649,5 +662,110 @@ descriptors:
         assert_eq!(line(&text, other), Some("100"));
         assert_eq!(text.matches(other).count(), 1);
         assert!(!text.contains(&format!("api_key_k{MAX_RULE_SERIES}\"")));
+    }
+
+    const VALUE_TO_METRIC: &str = r#"
+domain: api
+descriptors:
+  - key: tenant
+    value_to_metric: true
+    descriptors:
+      - key: user
+        rate_limit: { unit: hour, requests_per_unit: 10 }
+  - key: team
+    value_to_metric: true
+    descriptors:
+      - key: user
+        detailed_metric: true
+        rate_limit: { unit: hour, requests_per_unit: 10 }
+  - key: path
+    value: /api/*
+    value_to_metric: true
+    descriptors:
+      - key: remote_address
+        rate_limit: { unit: hour, requests_per_unit: 10 }
+  - key: plan
+    descriptors:
+      - key: user
+        rate_limit: { unit: hour, requests_per_unit: 10 }
+"#;
+
+    fn total_hits<'t>(text: &'t str, key: &str) -> Option<&'t str> {
+        let series =
+            format!(r#"ratelimit_service_rate_limit_total_hits{{domain="api",key="{key}"}}"#);
+        line(text, &series)
+    }
+
+    #[test]
+    fn value_to_metric_levels_report_the_request_value_and_the_others_their_configured_one() {
+        let rules = RuleSet::from_sources(&[("api.yaml".into(), VALUE_TO_METRIC.into())]).unwrap();
+        let metrics = Metrics::new(0.8);
+        hit_rule(&metrics, &rules, &[("tenant", "acme"), ("user", "bob")]);
+        hit_rule(&metrics, &rules, &[("tenant", "acme"), ("user", "carol")]);
+        hit_rule(&metrics, &rules, &[("tenant", "initech"), ("user", "bob")]);
+        hit_rule(&metrics, &rules, &[("team", "red"), ("user", "bob")]);
+        hit_rule(
+            &metrics,
+            &rules,
+            &[("path", "/api/v1.2"), ("remote_address", "10.0.0.1")],
+        );
+        hit_rule(&metrics, &rules, &[("plan", "gold"), ("user", "bob")]);
+        let text = render(&metrics);
+        assert_eq!(total_hits(&text, "tenant_acme.user"), Some("2"), "{text}");
+        assert_eq!(total_hits(&text, "tenant_initech.user"), Some("1"));
+        assert_eq!(
+            total_hits(&text, "tenant.user"),
+            None,
+            "no rolled-up series"
+        );
+        // detailed_metric on the rule wins: every level's value, not only the flagged one's.
+        assert_eq!(total_hits(&text, "team_red.user_bob"), Some("1"));
+        assert_eq!(total_hits(&text, "team_red.user"), None);
+        // A wildcard level shows the request value, not its pattern; dots in values stay.
+        assert_eq!(
+            total_hits(&text, "path_/api/v1.2.remote_address"),
+            Some("1")
+        );
+        // A plain rule: its stat name, no request value.
+        assert_eq!(total_hits(&text, "plan.user"), Some("1"));
+        assert!(
+            !text.contains("gold") && !text.contains("plan.user_"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn value_to_metric_keys_from_requests_are_sanitized_bounded_and_capped() {
+        let rules = RuleSet::from_sources(&[("api.yaml".into(), VALUE_TO_METRIC.into())]).unwrap();
+        let domain = rules.domain("api").unwrap();
+        let rule = domain.find(&[("tenant", "x"), ("user", "y")]).unwrap().rule;
+        let key = |tenant: &str| stat_key(rule, [("tenant", tenant), ("user", "y")]).into_owned();
+        assert_eq!(key("a\"}\n\\b"), "tenant_a_}__b.user");
+        assert_eq!(key(""), "tenant.user", "an empty value adds nothing");
+        let long = "v".repeat(1024);
+        assert_eq!(key(&long), "tenant.user", "too long: the rule's stat name");
+        let plain = domain.find(&[("plan", "x"), ("user", "y")]).unwrap().rule;
+        assert!(
+            matches!(
+                stat_key(plain, [("plan", "x"), ("user", "y")]),
+                Cow::Borrowed("plan.user")
+            ),
+            "a plain rule's key is borrowed, not built"
+        );
+
+        // Past the series cap every new value counts under _other.
+        let metrics = Metrics::new(0.8);
+        for i in 0..MAX_RULE_SERIES + 10 {
+            let tenant = format!("t{i}");
+            hit_rule(&metrics, &rules, &[("tenant", &tenant), ("user", "y")]);
+        }
+        let text = render(&metrics);
+        let other = r#"ratelimit_service_rate_limit_total_hits{domain="_other",key="_other"}"#;
+        assert_eq!(line(&text, other), Some("10"));
+        assert_eq!(total_hits(&text, "tenant_t0.user"), Some("1"));
+        assert_eq!(
+            total_hits(&text, &format!("tenant_t{MAX_RULE_SERIES}.user")),
+            None
+        );
     }
 }

@@ -48,6 +48,11 @@ descriptors:
     rate_limit: { unit: hour, requests_per_unit: 2 }
   - key: bulk
     rate_limit: { unit: HOUR, requests_per_unit: 10 }
+  - key: org
+    value_to_metric: true
+    descriptors:
+      - key: team
+        rate_limit: { unit: hour, requests_per_unit: 5 }
 "#;
 
 fn codes(response: &RateLimitResponse) -> (i32, Vec<i32>) {
@@ -499,6 +504,14 @@ async fn metrics_count_hits_by_rule_and_outcome_in_envoyproxy_ratelimit_names() 
         .await;
         assert_eq!(r.overall_code, OK, "shadow mode never rejects");
     }
+    // value_to_metric on org: its level shows the request's value, team its configured key.
+    for team in ["t-7", "t-9"] {
+        overall(
+            &mut client,
+            request("test", &[&[("org", "initech"), ("team", team)]]),
+        )
+        .await;
+    }
     let response = reqwest::get(server.admin_url("/metrics")).await.unwrap();
     assert_eq!(response.status(), 200);
     assert!(
@@ -529,9 +542,18 @@ async fn metrics_count_hits_by_rule_and_outcome_in_envoyproxy_ratelimit_names() 
         Some("1"),
         "{text}"
     );
+    let org = r#"{domain="test",key="org_initech.team"}"#;
+    assert_eq!(
+        series(
+            &text,
+            &format!("ratelimit_service_rate_limit_total_hits{org}")
+        ),
+        Some("2"),
+        "{text}"
+    );
     assert_eq!(
         series(&text, "hivemind_decision_duration_seconds_count"),
-        Some("6"),
+        Some("8"),
         "{text}"
     );
     let strategy = server.admin_json("/stats").await["strategy"]
@@ -551,9 +573,11 @@ async fn metrics_count_hits_by_rule_and_outcome_in_envoyproxy_ratelimit_names() 
         .and_then(|v| v.parse().ok())
         .expect("live counter keys");
     assert!(keys >= 2.0, "{text}");
-    // Request values never become labels: only rule names from the rules file.
+    // Request values never become labels, but at value_to_metric levels: only rule names
+    // from the rules file.
     assert!(!text.contains("10.0.0.1"), "{text}");
     assert!(!text.contains("acme"), "{text}");
+    assert!(!text.contains("t-7") && !text.contains("t-9"), "{text}");
     server.stop().await.expect("clean shutdown");
 }
 

@@ -437,7 +437,7 @@ descriptors:
                 replaces: vec![],
             }
         );
-        assert!(svc.quota_mode && svc.detailed_metric && svc.value_to_metric);
+        assert!(svc.quota_mode && svc.detailed_metric && svc.value_to_metric());
         assert!(!svc.shadow_mode && !svc.share_threshold);
         assert_eq!(
             svc.metadata,

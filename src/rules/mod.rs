@@ -77,8 +77,6 @@ pub struct Rule {
     pub quota_mode: bool,
     /// Metrics for this rule may carry the descriptor's values (`detailed_metric`).
     pub detailed_metric: bool,
-    /// Metrics for this rule carry the matched value in the stat name (`value_to_metric`).
-    pub value_to_metric: bool,
     /// Every value matching the `*` pattern shares one counter (`share_threshold`).
     pub share_threshold: bool,
     /// The descriptor's `metadata` map, as JSON.
@@ -87,6 +85,11 @@ pub struct Rule {
     /// stat keys (without the domain), e.g. "tenant.user_canary": `key` or `key_value` per
     /// level, '.' between levels. Bounded: from config, never from request values.
     pub stat_name: String,
+    /// The rule's descriptor path, top level first, one level per request entry that reaches
+    /// it: the segments of [`stat_name`](Self::stat_name) and the levels whose descriptor has
+    /// `value_to_metric: true`, where metrics show the request's value instead. Kept apart, so
+    /// the metrics need not split the name on '.' (values hold dots: IPs, versions).
+    pub stat_levels: Vec<StatLevel>,
     /// 1-based line of the descriptor in its file (0 only if it could not be worked out).
     pub line: usize,
     /// `name` / `replaces` of an unlimited rate_limit (upstream lets them be set there too); a
@@ -96,7 +99,24 @@ pub struct Rule {
     unlimited_replaces: Vec<String>,
 }
 
+/// One level of a rule's descriptor path, as the rule's stat key shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatLevel {
+    /// The level's descriptor as configured, `key` or `key_value` (a wildcard value as its
+    /// pattern): its segment of the stat name.
+    pub segment: String,
+    /// The descriptor has `value_to_metric: true`: metrics show the request's `key_value` at
+    /// this level instead of `segment`.
+    pub value_to_metric: bool,
+}
+
 impl Rule {
+    /// Whether some level of the rule's path has `value_to_metric: true`, so that its metrics
+    /// carry request values there.
+    pub fn value_to_metric(&self) -> bool {
+        self.stat_levels.iter().any(|level| level.value_to_metric)
+    }
+
     /// The rate_limit's `name` (the target of other rules' `replaces`), limited or not.
     pub fn name(&self) -> Option<&str> {
         match &self.limit {
@@ -248,7 +268,9 @@ impl RuleSet {
     /// `{"hash", "domains": [{"domain", "source", "descriptors": [tree]}]}`, where each
     /// descriptor has `key, value, line, rate_limit {unit, requests_per_unit, name, replaces,
     /// unlimited} | null, shadow_mode, quota_mode, share_threshold, detailed_metric,
-    /// value_to_metric, metadata, stat_name, descriptors`.
+    /// value_to_metric, metadata, stat_name, descriptors`. `value_to_metric` is the descriptor's
+    /// own flag, with or without a `rate_limit`, read from the rules at or below it (false where
+    /// there are none: it reports nothing there); the other flags are its rule's.
     pub fn to_json(&self) -> serde_json::Value {
         let domains: Vec<serde_json::Value> = self
             .domains()
@@ -256,7 +278,7 @@ impl RuleSet {
                 json!({
                     "domain": domain.name,
                     "source": domain.source,
-                    "descriptors": level_json(&domain.root),
+                    "descriptors": level_json(&domain.root, 0),
                 })
             })
             .collect();
@@ -315,11 +337,13 @@ fn hash_sources(sources: &[(String, String)]) -> String {
         .collect()
 }
 
-fn level_json(level: &Level) -> Vec<serde_json::Value> {
-    level.nodes.iter().map(node_json).collect()
+/// The descriptors of `level`, `depth` levels below the top.
+fn level_json(level: &Level, depth: usize) -> Vec<serde_json::Value> {
+    let node = |node| node_json(node, depth);
+    level.nodes.iter().map(node).collect()
 }
 
-fn node_json(node: &Node) -> serde_json::Value {
+fn node_json(node: &Node, depth: usize) -> serde_json::Value {
     let rate_limit = node.rule.as_ref().map(|rule| match &rule.limit {
         RateLimit::Unlimited => json!({
             "unit": null,
@@ -343,6 +367,14 @@ fn node_json(node: &Node) -> serde_json::Value {
     });
     let rule = node.rule.as_ref();
     let flag = |get: fn(&Rule) -> bool| rule.is_some_and(get);
+    // The descriptor's `value_to_metric` lives on the rules of its path: read it from the first
+    // rule at or below it (none: it affects nothing, and reads false).
+    let below = node.children.walk().filter_map(|node| node.rule.as_ref());
+    let value_to_metric = rule.into_iter().chain(below).next().is_some_and(|rule| {
+        rule.stat_levels
+            .get(depth)
+            .is_some_and(|level| level.value_to_metric)
+    });
     json!({
         "key": node.key,
         "value": node.value,
@@ -352,10 +384,10 @@ fn node_json(node: &Node) -> serde_json::Value {
         "quota_mode": flag(|rule| rule.quota_mode),
         "share_threshold": node.share_threshold,
         "detailed_metric": flag(|rule| rule.detailed_metric),
-        "value_to_metric": flag(|rule| rule.value_to_metric),
+        "value_to_metric": value_to_metric,
         "metadata": rule.and_then(|rule| rule.metadata.as_ref()),
         "stat_name": rule.map(|rule| rule.stat_name.as_str()),
-        "descriptors": level_json(&node.children),
+        "descriptors": level_json(&node.children, depth + 1),
     })
 }
 
@@ -673,6 +705,24 @@ descriptors:
             .rule;
         assert_eq!(rule.name(), Some("free"));
         assert_eq!(rule.replaces(), ["n"]);
+    }
+
+    #[test]
+    fn to_json_shows_value_to_metric_on_the_descriptor_that_sets_it() {
+        let yaml = "domain: d\ndescriptors:\n  - key: tenant\n    value_to_metric: true\n    descriptors:\n      - key: user\n        rate_limit: { unit: hour }\n      - key: team\n        value_to_metric: true\n        rate_limit: { unit: hour }\n  - key: idle\n    value_to_metric: true\n";
+        let set = RuleSet::from_sources(&[source("d.yaml", yaml)]).unwrap();
+        let dump = set.to_json();
+        let tenant = &dump["domains"][0]["descriptors"][0];
+        assert_eq!(tenant["value_to_metric"], true, "{dump}");
+        assert_eq!(tenant["rate_limit"], serde_json::Value::Null);
+        assert_eq!(tenant["descriptors"][0]["value_to_metric"], false);
+        assert_eq!(tenant["descriptors"][0]["stat_name"], "tenant.user");
+        assert_eq!(tenant["descriptors"][1]["value_to_metric"], true);
+        // No rule at or below it: the flag affects nothing and reads false.
+        assert_eq!(
+            dump["domains"][0]["descriptors"][1]["value_to_metric"],
+            false
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use hivemind_core::Unit;
 
 use super::matcher::{composite, Level, Node};
 use super::yaml::{Entries, Invalid, Node as Shape, Scalar, Yaml};
-use super::{RateLimit, Rule};
+use super::{RateLimit, Rule, StatLevel};
 
 type Result<T> = std::result::Result<T, Invalid>;
 
@@ -63,12 +63,10 @@ pub(crate) fn document(root: &Yaml) -> Result<Document> {
     let domain_key = map
         .iter()
         .find(|(key, _)| key.scalar() == Some(Scalar::Text("domain")));
-    let mut root = descriptors.or_default();
-    name_rules(&mut root.nodes, "");
     Ok(Document {
         domain,
         domain_line: domain_key.map_or(0, |(key, _)| key.line),
-        root,
+        root: descriptors.or_default(),
     })
 }
 
@@ -476,22 +474,45 @@ fn descriptor(item: &Yaml, path: Path) -> Result<Node> {
             shadow_mode: shadow_mode.or_default(),
             quota_mode: quota_mode.or_default(),
             detailed_metric: detailed_metric.or_default(),
-            value_to_metric: value_to_metric.or_default(),
             share_threshold,
             metadata: metadata.get(),
             stat_name: String::new(),
+            stat_levels: Vec::new(),
             line: item.line,
             unlimited_name,
             unlimited_replaces,
         });
-    Ok(Node {
+    let mut node = Node {
         key,
         value,
         share_threshold,
         rule,
         children: children.or_default(),
         line: item.line,
-    })
+    };
+    let level = StatLevel {
+        segment: node.composite(),
+        value_to_metric: value_to_metric.or_default(),
+    };
+    head_stat_paths(&mut node, &level);
+    Ok(node)
+}
+
+/// Puts `level` at the top of the stat path (and name) of `node`'s rule and of every rule below
+/// it. A descriptor is done after its children, so its ancestors add their levels in turn as
+/// the walk returns: each rule ends with its whole path, top level first.
+fn head_stat_paths(node: &mut Node, level: &StatLevel) {
+    if let Some(rule) = &mut node.rule {
+        rule.stat_name = if rule.stat_levels.is_empty() {
+            level.segment.clone()
+        } else {
+            format!("{}.{}", level.segment, rule.stat_name)
+        };
+        rule.stat_levels.insert(0, level.clone());
+    }
+    for child in &mut node.children.nodes {
+        head_stat_paths(child, level);
+    }
 }
 
 /// A validated `rate_limit`: the limit, and the `name` and `replaces` an unlimited one carries.
@@ -567,21 +588,6 @@ fn replaces(value: &Yaml, path: Path) -> Result<Option<Vec<String>>> {
         names.push(name);
     }
     Ok(Some(names))
-}
-
-/// Gives every rule its stat name: the `key` / `key_value` path from the top, joined by '.'.
-fn name_rules(nodes: &mut [Node], parent: &str) {
-    for node in nodes {
-        let stat = if parent.is_empty() {
-            node.composite()
-        } else {
-            format!("{parent}.{}", node.composite())
-        };
-        if let Some(rule) = &mut node.rule {
-            rule.stat_name.clone_from(&stat);
-        }
-        name_rules(&mut node.children.nodes, &stat);
-    }
 }
 
 #[cfg(test)]
@@ -717,7 +723,7 @@ mod tests {
         );
         let flags = rules.find(&[("flags", "x")]).unwrap().rule;
         assert!(flags.shadow_mode && !flags.quota_mode && flags.detailed_metric);
-        assert!(!flags.value_to_metric);
+        assert!(!flags.value_to_metric());
         assert_eq!(
             count(&[("flags", "x")]),
             Some(0),
@@ -827,6 +833,64 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn value_to_metric_lands_on_the_rules_below_it_level_by_level() {
+        let rules = parse(
+            "domain: d\n\
+             descriptors:\n\
+             \x20 - key: tenant\n\
+             \x20   value_to_metric: true\n\
+             \x20   descriptors:\n\
+             \x20     - key: user\n\
+             \x20       rate_limit: { unit: hour }\n\
+             \x20     - key: ip\n\
+             \x20       value: 10.0.*\n\
+             \x20       value_to_metric: true\n\
+             \x20       rate_limit: { unit: hour }\n\
+             \x20 - key: plan\n\
+             \x20   rate_limit: { unit: hour }\n\
+             \x20   descriptors:\n\
+             \x20     - key: user\n\
+             \x20       value_to_metric: yes\n\
+             \x20       rate_limit: { unit: hour }\n",
+        );
+        let levels = |entries: &[(&str, &str)]| {
+            let rule = rules.find(entries).unwrap().rule;
+            let levels = rule.stat_levels.iter();
+            let levels = levels.map(|l| (l.segment.as_str(), l.value_to_metric));
+            (levels.collect::<Vec<_>>(), rule.stat_name.as_str())
+        };
+        // On an intermediate level without a rate_limit: carried down to the rule.
+        assert_eq!(
+            levels(&[("tenant", "acme"), ("user", "bob")]),
+            (vec![("tenant", true), ("user", false)], "tenant.user")
+        );
+        // A wildcard level keeps its pattern as the configured segment, dots and all.
+        assert_eq!(
+            levels(&[("tenant", "acme"), ("ip", "10.0.0.1")]),
+            (
+                vec![("tenant", true), ("ip_10.0.*", true)],
+                "tenant.ip_10.0.*"
+            )
+        );
+        // On the leaf only; the parent's own rule is a path of one plain level.
+        assert_eq!(
+            levels(&[("plan", "gold"), ("user", "bob")]),
+            (vec![("plan", false), ("user", true)], "plan.user")
+        );
+        assert_eq!(levels(&[("plan", "gold")]), (vec![("plan", false)], "plan"));
+        assert!(!rules
+            .find(&[("plan", "gold")])
+            .unwrap()
+            .rule
+            .value_to_metric());
+        assert!(rules
+            .find(&[("plan", "gold"), ("user", "x")])
+            .unwrap()
+            .rule
+            .value_to_metric());
     }
 
     /// A random descriptor tree, written out in block or flow style with comments and blank
