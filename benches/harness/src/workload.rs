@@ -139,7 +139,7 @@ impl Workload {
     }
 
     /// One request per key, indexed by key (one request without `keys`).
-    fn requests(&self) -> Vec<RateLimitRequest> {
+    pub fn requests(&self) -> Vec<RateLimitRequest> {
         let Some(keys) = &self.keys else {
             return vec![self.request()];
         };
