@@ -475,7 +475,8 @@ mod tests {
         let mut long = good.clone();
         long.push(0);
         assert_eq!(overall_code(&long), None);
-        // Compressed flag, a length beyond the bound, an unterminated varint, a length-
+        // Compressed flag, a length beyond the bound, an unterminated varint, one longer than
+        // 10 bytes, a length-
         // delimited field running past the end, a group wire type, field number 0.
         let mut compressed = good.clone();
         compressed[0] = 1;
@@ -490,7 +491,10 @@ mod tests {
             out
         };
         assert_eq!(overall_code(&frame(&[0x08, 0x80, 0x80])), None);
-        assert_eq!(overall_code(&frame(&[0x08; 12])), None);
+        let mut overlong = vec![0x08];
+        overlong.extend([0xff; 10]);
+        overlong.push(0x01);
+        assert_eq!(overall_code(&frame(&overlong)), None);
         assert_eq!(overall_code(&frame(&[0x12, 0x05, 1, 2])), None);
         assert_eq!(overall_code(&frame(&[0x0b, 0x00])), None);
         assert_eq!(overall_code(&frame(&[0x00, 0x01])), None);
