@@ -7,6 +7,7 @@
 //!
 //! - [`cluster`]: N real `hivemind` processes on loopback, with their rules, flags and env;
 //! - [`workload`]: paced gRPC clients offering a rate spread over the nodes;
+//! - [`closed_loop`]: the max-throughput phase's client, HTTP/2 directly, as light as h2load;
 //! - [`truth`]: per-window ground truth from the clients' observations;
 //! - [`report`]: the summary and per-window table, as markdown and JSON;
 //! - [`experiment`]: the standard run that ties them together (used by the `overshoot` binary);
@@ -18,6 +19,7 @@
 //! - [`sweep`]: a grid of experiments, overshoot and false rejections per cell (the `accuracy`
 //!   binary).
 
+pub mod closed_loop;
 pub mod cluster;
 pub mod experiment;
 pub mod figures;

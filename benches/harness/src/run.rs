@@ -6,7 +6,8 @@
 //! ([`crate::workload`]), starting on a window boundary: `warmup_windows` windows, then the
 //! measured ones. Events fire at their time from the first measured window; gossip nodes'
 //! `/stats` are read at the start and end of the measured windows for the traffic figure. An
-//! optional closed-loop phase then measures maximum throughput. A node that exits without
+//! optional closed-loop phase then measures maximum throughput, on the lighter HTTP/2 client
+//! of [`crate::closed_loop`]. A node that exits without
 //! being killed by an event fails the run (a crashed server's figures mean nothing).
 //!
 //! Every phase shows a progress bar (on a terminal; hidden otherwise), and every wait is
@@ -23,13 +24,14 @@ use hivemind_testkit::RedisServer;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use crate::closed_loop::{self, ClosedLoop, ClosedLoopError};
 use crate::cluster::{http_get, Cluster, ClusterError, ClusterSpec, Strategy};
 use crate::experiment::{bench_rules, bench_rules_per_value, DOMAIN, KEY, VALUE};
 use crate::figures::{self, Figures, WindowPoint};
 use crate::plots::{self, Line, PlotError};
 use crate::report::Latency;
 use crate::scenario::{Action, Scenario, Spread, StrategyRun};
-use crate::truth::{window_index, window_micros, Outcome};
+use crate::truth::{window_index, window_micros};
 use crate::workload::{self, unix_micros, Workload, WorkloadError};
 
 /// How long a cluster may take to answer its health checks (gossip: to form).
@@ -147,6 +149,9 @@ pub enum RunError {
     /// The load could not run.
     #[error(transparent)]
     Workload(#[from] WorkloadError),
+    /// The max-throughput load could not run.
+    #[error(transparent)]
+    ClosedLoop(#[from] ClosedLoopError),
     /// A helper task failed (e.g. redis-server did not start: the message says why).
     #[error("{what}: {source}")]
     Task {
@@ -483,6 +488,8 @@ fn find_u64(json: &serde_json::Value, name: &str) -> Option<u64> {
     }
 }
 
+/// The closed-loop phase, on the light HTTP/2 client of [`crate::closed_loop`] (the same
+/// requests and keys as the paced phase): decided calls per second and their round trips.
 async fn max_throughput(
     scenario: &Scenario,
     label: &str,
@@ -491,45 +498,46 @@ async fn max_throughput(
     bars: &MultiProgress,
 ) -> Result<Throughput, RunError> {
     let targets: Vec<SocketAddr> = cluster.live().map(|n| n.grpc).collect();
-    // `rate` only bounds the calls: far more than a loopback server answers.
+    // Only for its requests (one per key): the phase itself is unpaced.
     let mut workload = Workload::new(
         DOMAIN,
         vec![(KEY.to_owned(), VALUE.to_owned())],
-        1_000_000.0,
+        1.0,
         m.duration,
     );
-    workload.closed_loop = true;
     workload.keys = scenario.keys.dist();
-    workload.clients_per_node = m.clients_per_node;
-    workload.streams_per_client = m.streams_per_client;
-    workload.request_timeout = scenario.request_timeout;
+    let load = ClosedLoop {
+        requests: workload.requests(),
+        keys: workload.keys,
+        connections_per_target: m.clients_per_node,
+        in_flight: m.streams_per_client,
+        duration: m.duration,
+        // Far more than a loopback server answers in that time, within the paced phases'
+        // bound on planned calls.
+        max_calls_per_stream: (workload::MAX_PLANNED_CALLS as u64)
+            / (targets.len() * m.clients_per_node * m.streams_per_client).max(1) as u64,
+        request_timeout: scenario.request_timeout,
+        connect_timeout: workload.connect_timeout,
+        seed: workload.seed,
+    };
     let bar = bar(
         bars,
         format!("{} {label}: max throughput", scenario.name),
         u64::try_from(m.duration.as_millis()).unwrap_or(u64::MAX),
     );
     let ticker = tick_with_clock(&bar);
-    let load = workload::run(&workload, &targets).await;
+    let tally = closed_loop::run(&load, &targets).await;
     bar.finish();
     ticker.abort();
-    let load = load?;
-    let mut histogram = crate::report::latency_histogram();
-    let mut errors = 0;
-    for o in &load.observations {
-        if o.outcome == Outcome::Error {
-            errors += 1;
-        } else {
-            histogram.saturating_record(o.latency_us.max(1));
-        }
-    }
+    let tally = tally?;
     let secs = m.duration.as_secs_f64();
     Ok(Throughput {
         clients: targets.len() * m.clients_per_node,
         streams: targets.len() * m.clients_per_node * m.streams_per_client,
         duration_s: secs,
-        decided_rps: histogram.len() as f64 / secs,
-        errors,
-        latency: Latency::of(&histogram),
+        decided_rps: tally.decided() as f64 / secs,
+        errors: tally.error_total(),
+        latency: Latency::of(&tally.latency_us),
     })
 }
 

@@ -33,8 +33,8 @@
 //! ([`Observation::queued_us`](crate::truth::Observation::queued_us)), so latency can be taken
 //! from the intended send time (coordinated-omission aware) rather than from the actual one.
 //!
-//! **Closed loop.** [`Workload::closed_loop`] drops the pacing: each client sends its next call
-//! as soon as the previous one is answered, for the maximum-throughput figure.
+//! The maximum-throughput figure does not use these clients: it is measured unpaced by the
+//! lighter HTTP/2 client of [`crate::closed_loop`], on the same requests ([`Workload::requests`]).
 //!
 //! Clients start at evenly staggered offsets within one period so that they do not all fire in
 //! the same millisecond. Every client loop is bounded twice: by the deadline and by a count of
@@ -70,9 +70,6 @@ pub struct Workload {
     /// Concurrent clients (connections) per target; more clients keep the rate at higher
     /// latency, since each has one call in flight.
     pub clients_per_node: usize,
-    /// Calls in flight per client connection: each connection is shared by this many client
-    /// loops (HTTP/2 streams), as h2load's `-m`. 1 by default.
-    pub streams_per_client: usize,
     /// How long to offer load, from the common start.
     pub duration: Duration,
     /// Per-call bound; a call that takes longer is an error, not a decision.
@@ -88,9 +85,6 @@ pub struct Workload {
     /// Key `K` always goes to target `K % targets` (weights are then ignored): the hashing of
     /// a key to one Envoy. Only with `keys`.
     pub sticky: bool,
-    /// No pacing: each client calls again as soon as it has its answer (`rate` then only
-    /// bounds the number of calls), for maximum throughput.
-    pub closed_loop: bool,
     /// Wall-clock start of the load, µs since the epoch (e.g. a window boundary); `None`: as
     /// soon as every client is connected. A time already past starts at once.
     pub start_at_us: Option<u64>,
@@ -123,14 +117,12 @@ impl Workload {
             rate,
             weights: Vec::new(),
             clients_per_node: 4,
-            streams_per_client: 1,
             duration,
             request_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(5),
             max_lag: Duration::from_millis(20),
             keys: None,
             sticky: false,
-            closed_loop: false,
             start_at_us: None,
             seed: 1,
         }
@@ -143,7 +135,7 @@ impl Workload {
     }
 
     /// One request per key, indexed by key (one request without `keys`).
-    fn requests(&self) -> Vec<RateLimitRequest> {
+    pub fn requests(&self) -> Vec<RateLimitRequest> {
         let Some(keys) = &self.keys else {
             return vec![self.request()];
         };
@@ -238,11 +230,6 @@ impl Workload {
                 crate::keys::MAX_KEYS
             )));
         }
-        if self.streams_per_client == 0 || self.streams_per_client > 1_000 {
-            return Err(WorkloadError::Invalid(
-                "streams_per_client between 1 and 1,000".into(),
-            ));
-        }
         if self.clients_per_node == 0 {
             return Err(WorkloadError::Invalid(
                 "clients_per_node must be at least 1".into(),
@@ -297,8 +284,6 @@ struct ClientPlan {
     keys: Option<KeyDist>,
     /// Its own seeded generator for the draws.
     rng: fastrand::Rng,
-    /// Unpaced: call again as soon as answered.
-    closed_loop: bool,
 }
 
 /// Offers `workload` to `targets` (gRPC addresses, in node order) and returns every call it
@@ -308,22 +293,18 @@ struct ClientPlan {
 pub async fn run(workload: &Workload, targets: &[SocketAddr]) -> Result<Load, WorkloadError> {
     workload.validate(targets.len())?;
     let per_target = workload.plan_targets(targets.len())?;
-    let clients_total = per_target.iter().filter(|(r, _)| *r > 0.0).count()
-        * workload.clients_per_node
-        * workload.streams_per_client;
+    let clients_total =
+        per_target.iter().filter(|(r, _)| *r > 0.0).count() * workload.clients_per_node;
 
     let mut plans = Vec::with_capacity(clients_total);
     for (node, (&addr, (node_rate, keys))) in targets.iter().zip(&per_target).enumerate() {
         if *node_rate <= 0.0 {
             continue;
         }
-        let loops = workload.clients_per_node * workload.streams_per_client;
-        let client_rate = node_rate / loops as f64;
+        let client_rate = node_rate / workload.clients_per_node as f64;
         for _ in 0..workload.clients_per_node {
             let client = connect(addr, workload.connect_timeout).await?;
-            for _ in 0..workload.streams_per_client {
-                plans.push((node as u32, client.clone(), client_rate, keys.clone()));
-            }
+            plans.push((node as u32, client, client_rate, keys.clone()));
         }
     }
 
@@ -350,7 +331,6 @@ pub async fn run(workload: &Workload, targets: &[SocketAddr]) -> Result<Load, Wo
             max_ticks: (client_rate * workload.duration.as_secs_f64()).ceil() as usize,
             keys,
             rng: fastrand::Rng::with_seed(workload.seed.wrapping_add(k as u64)),
-            closed_loop: workload.closed_loop,
         };
         tasks.push(tokio::spawn(client_loop(
             plan,
@@ -404,21 +384,14 @@ async fn client_loop(
 ) -> (Vec<Observation>, u64) {
     let mut ticks = tokio::time::interval_at(plan.first, plan.period);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Burst);
-    // Bounded up front: a closed-loop budget can be far more calls than will be made.
+    // Bounded up front: a budget can be far more calls than will be made.
     let mut out = Vec::with_capacity(plan.max_ticks.min(1 << 16));
     let mut skipped = 0u64;
     for _ in 0..plan.max_ticks {
-        let queued = if plan.closed_loop {
-            if tokio::time::Instant::now() < plan.first {
-                tokio::time::sleep_until(plan.first).await;
-            }
-            Duration::ZERO
-        } else {
-            let Ok(scheduled) = tokio::time::timeout_at(deadline, ticks.tick()).await else {
-                break;
-            };
-            tokio::time::Instant::now().saturating_duration_since(scheduled)
+        let Ok(scheduled) = tokio::time::timeout_at(deadline, ticks.tick()).await else {
+            break;
         };
+        let queued = tokio::time::Instant::now().saturating_duration_since(scheduled);
         if tokio::time::Instant::now() >= deadline {
             break;
         }

@@ -319,3 +319,53 @@ fn the_quick_scenario_runs_every_strategy_and_writes_every_figure() {
         assert!(stdout.contains(&format!("| {label} | 1 |")), "{stdout}");
     }
 }
+
+/// The max-throughput client counts every answer for what it is: against one standalone node
+/// with a limit of 500 per hour, exactly 500 calls are admitted and every other one is over
+/// the limit, none is an error, and each decided call has its round trip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_closed_loop_client_counts_admitted_and_over_limit_exactly() {
+    use hivemind_harness::closed_loop::{self, ClosedLoop};
+    let spec = ClusterSpec::new(
+        hivemind(),
+        Strategy::Standalone,
+        1,
+        hivemind_harness::bench_rules(500, Unit::Hour),
+    );
+    let mut cluster = tokio::task::spawn_blocking(move || Cluster::start(&spec))
+        .await
+        .unwrap()
+        .expect("start");
+    cluster
+        .wait_ready(Duration::from_secs(10))
+        .await
+        .expect("ready");
+    let workload = hivemind_harness::Workload::new(
+        hivemind_harness::experiment::DOMAIN,
+        vec![(
+            hivemind_harness::experiment::KEY.into(),
+            hivemind_harness::experiment::VALUE.into(),
+        )],
+        1.0,
+        Duration::from_secs(1),
+    );
+    let load = ClosedLoop {
+        requests: workload.requests(),
+        keys: None,
+        connections_per_target: 2,
+        in_flight: 4,
+        duration: Duration::from_secs(1),
+        max_calls_per_stream: 2_000,
+        request_timeout: Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(5),
+        seed: 1,
+    };
+    let tally = closed_loop::run(&load, &cluster.grpc_addrs())
+        .await
+        .expect("closed-loop run");
+    assert_eq!(tally.admitted, 500, "{tally:?}");
+    assert!(tally.rejected > 0, "{tally:?}");
+    assert_eq!(tally.error_total(), 0, "{tally:?}");
+    assert_eq!(tally.latency_us.len(), tally.decided());
+    assert!(tally.decided() <= 2 * 4 * 2_000);
+}
