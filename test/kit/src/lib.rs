@@ -23,6 +23,8 @@ pub mod cluster;
 pub mod http;
 pub mod launch;
 
+pub use cluster::Strategy;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
