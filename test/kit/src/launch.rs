@@ -184,7 +184,9 @@ impl Spawned {
     pub fn wait_listening(mut self, deadline: Instant) -> Result<Process, LaunchError> {
         loop {
             let stdout = read_lossy(&self.logs.join("stdout.log"));
-            if let Some(listening) = stdout.lines().find_map(|l| l.parse().ok()) {
+            // Whole lines only: a line still being written could carry a cut-off port.
+            let mut lines = stdout.split_inclusive('\n').filter(|l| l.ends_with('\n'));
+            if let Some(listening) = lines.find_map(|l| l.trim_end().parse().ok()) {
                 return Ok(Process {
                     spawned: self,
                     listening,
@@ -353,6 +355,19 @@ mod tests {
         let status = p.wait_exit(Duration::from_secs(10)).expect("exits on TERM");
         assert!(!status.success());
         assert_eq!(p.stderr(), "given\n");
+    }
+
+    #[test]
+    fn a_line_still_being_written_is_not_read() {
+        let logs = tempfile::tempdir().unwrap();
+        // The admin port's last digit arrives half a second after the rest of the line.
+        let script = "printf 'listening grpc=127.0.0.1:1 admin=127.0.0.1:2'; sleep 0.5; \
+                      printf '0\\n'; exec sleep 30";
+        let p = Launch::new("sh", logs.path())
+            .args(["-c", script])
+            .start()
+            .unwrap();
+        assert_eq!(p.listening().admin, "127.0.0.1:20".parse().unwrap());
     }
 
     #[test]
