@@ -3,10 +3,11 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
-use tracing::debug;
+use tracing::{debug, Instrument};
 
-use crate::limiter::Limiter;
-use crate::proto::{RateLimitRequest, RateLimitResponse, RateLimitService};
+use crate::limiter::{LimitError, Limiter};
+use crate::proto::{Code, RateLimitRequest, RateLimitResponse, RateLimitService};
+use crate::telemetry;
 
 /// Answers Envoy's `ShouldRateLimit` calls with the shared [`Limiter`].
 #[derive(Clone)]
@@ -28,13 +29,38 @@ impl RateLimitService for RateLimitGrpc {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
+        let span = telemetry::request_span(
+            request.metadata(),
+            &request.get_ref().domain,
+            request.get_ref().descriptors.len(),
+            self.limiter.strategy().name(),
+        );
         let request = request.into_inner();
-        match self.limiter.decide(&request).await {
+        let decided = if span.is_disabled() {
+            self.limiter.decide(&request).await
+        } else {
+            let decided = self.limiter.decide(&request).instrument(span.clone()).await;
+            let (outcome, error) = outcome(&decided);
+            telemetry::record_outcome(&span, outcome, error);
+            decided
+        };
+        match decided {
             Ok(response) => Ok(Response::new(response)),
             Err(e) => {
                 debug!(domain = %request.domain, error = %e, "rate limit request not decided");
                 Err(e.to_status())
             }
         }
+    }
+}
+
+/// How a call ended, for its span: `ok`, `over_limit` or the error's kind, and whether it is
+/// an error.
+fn outcome(decided: &Result<RateLimitResponse, LimitError>) -> (&'static str, bool) {
+    match decided {
+        Ok(response) if response.overall_code == Code::OverLimit as i32 => ("over_limit", false),
+        Ok(_) => ("ok", false),
+        Err(LimitError::InvalidRequest(_)) => ("invalid_request", true),
+        Err(LimitError::Strategy(e)) => (e.kind().as_str(), true),
     }
 }

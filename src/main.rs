@@ -34,9 +34,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if cli.healthcheck {
         return Ok(healthcheck(&settings));
     }
-    hivemind::telemetry::init(&settings.log);
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-    runtime.block_on(async {
+    // The OTLP exporter and its batch task live on this runtime.
+    let telemetry = {
+        let _entered = runtime.enter();
+        hivemind::telemetry::init(&settings.log, &settings.telemetry)
+            .context("starting telemetry")?
+    };
+    let served = runtime.block_on(async {
         let listeners = Listeners::bind(&settings).await?;
         let (grpc, admin) = listeners.local_addrs().context("reading bound addresses")?;
         let mesh = listeners.mesh_addr();
@@ -49,7 +54,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         };
         server::run_with_ready(settings, listeners, server::shutdown_signal(), ready).await?;
         Ok(ExitCode::SUCCESS)
-    })
+    });
+    // Flush the spans still queued while the runtime that exports them runs (bounded).
+    drop(telemetry);
+    served
 }
 
 /// Probes the admin address of these settings: exit 0 if the server there is serving.

@@ -125,7 +125,7 @@ impl Metrics {
             recorder.register_counter(
                 &Key::from_parts(
                     "hivemind_strategy_errors_total",
-                    labels(&[("kind", error_kind_label(kind))]),
+                    labels(&[("kind", kind.as_str())]),
                 ),
                 &metadata(),
             )
@@ -378,14 +378,6 @@ pub struct ScrapeFigures<'a> {
     pub rules_hash: &'a str,
     /// The reloader's counts, when the rules come from a watched path.
     pub reload: Option<&'a ReloadStatus>,
-}
-
-fn error_kind_label(kind: ErrorKind) -> &'static str {
-    match kind {
-        ErrorKind::Unavailable => "unavailable",
-        ErrorKind::Timeout => "timeout",
-        ErrorKind::Rejected => "rejected",
-    }
 }
 
 /// Every number under `value`, named by its path (`a_b_c`, non-alphanumerics as `_`); booleans

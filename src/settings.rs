@@ -61,6 +61,8 @@ pub struct Settings {
     pub redis: UnusedSection,
     /// Log output.
     pub log: LogSettings,
+    /// OpenTelemetry traces of rate limit calls.
+    pub telemetry: TelemetrySettings,
     /// Graceful shutdown.
     pub shutdown: ShutdownSettings,
 }
@@ -320,6 +322,86 @@ pub enum LogFormat {
     Json,
 }
 
+/// OpenTelemetry traces: one span per `ShouldRateLimit` call, exported over OTLP/gRPC.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// The OTLP/gRPC collector (`http://host:4317`, `https://` for TLS). `None`: no exporter
+    /// and no spans at all, so tracing costs nothing.
+    pub otlp_endpoint: Option<String>,
+    /// Fraction of calls arriving without a trace context (no valid `traceparent`) that are
+    /// traced, 0 to 1. A parent's sampled flag always wins, so Envoy's sampling decides for the
+    /// calls it traces.
+    pub sampling_ratio: f64,
+    /// The `service.name` resource attribute the spans are exported under.
+    pub service_name: String,
+    /// Longest wait for one export call (and for the final flush at shutdown).
+    #[serde(with = "humantime_serde")]
+    pub export_timeout: Duration,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        TelemetrySettings {
+            otlp_endpoint: None,
+            sampling_ratio: 1.0,
+            service_name: "hivemind".into(),
+            export_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl TelemetrySettings {
+    /// Adds every unusable telemetry value to `check`. The endpoint is never echoed: it could
+    /// carry credentials.
+    fn check(&self, check: &mut SettingsCheck) {
+        if let Some(endpoint) = &self.otlp_endpoint {
+            if let Err(problem) = check_otlp_endpoint(endpoint) {
+                check.invalid("telemetry.otlp_endpoint", problem);
+            }
+        }
+        let ratio = self.sampling_ratio;
+        if !(0.0..=1.0).contains(&ratio) {
+            check.invalid(
+                "telemetry.sampling_ratio",
+                format!("is {ratio}; it must be between 0 and 1"),
+            );
+        }
+        if self.service_name.trim().is_empty() {
+            check.invalid("telemetry.service_name", "must not be empty");
+        }
+        check.duration(
+            "telemetry.export_timeout",
+            self.export_timeout,
+            Duration::from_millis(1),
+            Duration::from_secs(60),
+        );
+    }
+}
+
+/// Why `endpoint` cannot be an OTLP/gRPC collector address, if it cannot.
+fn check_otlp_endpoint(endpoint: &str) -> Result<(), &'static str> {
+    const SHAPE: &str =
+        "is not an http:// or https:// URL with a host (e.g. http://127.0.0.1:4317)";
+    let uri: tonic::codegen::http::Uri = endpoint.parse().map_err(|_| SHAPE)?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(SHAPE);
+    }
+    let authority = uri.authority().ok_or(SHAPE)?;
+    if authority.as_str().contains('@') {
+        // gRPC never sends URL userinfo: credentials would be ignored, and printed by whoever
+        // logs the URL.
+        return Err(
+            "carries credentials (user@ or user:password@), which OTLP/gRPC does not send; \
+                    use OTEL_EXPORTER_OTLP_HEADERS for an authorization header",
+        );
+    }
+    if authority.host().is_empty() {
+        return Err(SHAPE);
+    }
+    Ok(())
+}
+
 /// Graceful shutdown.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -532,6 +614,7 @@ impl Settings {
                 MAX_SERVER_THREADS as u64,
             );
         }
+        self.telemetry.check(&mut check);
         #[cfg(feature = "gossip")]
         if self.strategy == StrategyKind::Gossip {
             self.mesh.check(&mut check);
@@ -564,7 +647,15 @@ impl Settings {
 
 /// Settings (by last path segment) whose environment values are taken as written, never parsed
 /// as numbers or booleans.
-const VERBATIM_SETTINGS: &[&str] = &["secret", "url", "node_id", "cluster_id", "key_prefix"];
+const VERBATIM_SETTINGS: &[&str] = &[
+    "secret",
+    "url",
+    "node_id",
+    "cluster_id",
+    "key_prefix",
+    "otlp_endpoint",
+    "service_name",
+];
 
 /// The `HIVEMIND_*` environment layer over the given variables (tests pass their own; the binary
 /// passes `std::env::vars()`). `HIVEMIND_SETTINGS` names the file and is not a setting.
@@ -919,6 +1010,97 @@ mod tests {
             FlagValues::default(),
         );
         assert!(err.is_err(), "negative thread count accepted");
+    }
+
+    #[test]
+    fn telemetry_values_are_checked_and_an_endpoint_is_never_echoed() {
+        let none = SettingsFile::Default(PathBuf::from("/nonexistent"));
+        let defaults = Settings::load(&none, vars(&[]), FlagValues::default()).unwrap();
+        assert_eq!(
+            defaults.telemetry.otlp_endpoint, None,
+            "no exporter by default"
+        );
+        let settings = Settings::load(
+            &none,
+            vars(&[
+                (
+                    "HIVEMIND_TELEMETRY__OTLP_ENDPOINT",
+                    "https://collector:4317",
+                ),
+                ("HIVEMIND_TELEMETRY__SAMPLING_RATIO", "0"),
+                ("HIVEMIND_TELEMETRY__SERVICE_NAME", "0042"),
+            ]),
+            FlagValues::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            settings.telemetry.otlp_endpoint.as_deref(),
+            Some("https://collector:4317")
+        );
+        assert_eq!(settings.telemetry.sampling_ratio, 0.0);
+        assert_eq!(settings.telemetry.service_name, "0042");
+        for (name, value, key) in [
+            (
+                "HIVEMIND_TELEMETRY__SAMPLING_RATIO",
+                "1.5",
+                "telemetry.sampling_ratio",
+            ),
+            (
+                "HIVEMIND_TELEMETRY__SAMPLING_RATIO",
+                "-0.1",
+                "telemetry.sampling_ratio",
+            ),
+            (
+                "HIVEMIND_TELEMETRY__SAMPLING_RATIO",
+                "NaN",
+                "telemetry.sampling_ratio",
+            ),
+            (
+                "HIVEMIND_TELEMETRY__OTLP_ENDPOINT",
+                "collector:4317",
+                "telemetry.otlp_endpoint",
+            ),
+            (
+                "HIVEMIND_TELEMETRY__OTLP_ENDPOINT",
+                "ftp://collector:4317",
+                "telemetry.otlp_endpoint",
+            ),
+            (
+                "HIVEMIND_TELEMETRY__OTLP_ENDPOINT",
+                "not a url",
+                "telemetry.otlp_endpoint",
+            ),
+            (
+                "HIVEMIND_TELEMETRY__SERVICE_NAME",
+                " ",
+                "telemetry.service_name",
+            ),
+            (
+                "HIVEMIND_TELEMETRY__EXPORT_TIMEOUT",
+                "0s",
+                "telemetry.export_timeout",
+            ),
+        ] {
+            let err = Settings::load(&none, vars(&[(name, value)]), FlagValues::default())
+                .expect_err(&format!("{name}={value} was accepted"))
+                .to_string();
+            assert!(err.contains(key) && err.contains("HIVEMIND_"), "{err}");
+        }
+        let err = Settings::load(
+            &none,
+            vars(&[(
+                "HIVEMIND_TELEMETRY__OTLP_ENDPOINT",
+                "https://tracer:hunter2@collector:4317",
+            )]),
+            FlagValues::default(),
+        )
+        .expect_err("an endpoint with credentials was accepted")
+        .to_string();
+        assert!(err.contains("credentials"), "{err}");
+        assert!(
+            !err.contains("hunter2"),
+            "the password is never printed: {err}"
+        );
     }
 
     #[test]

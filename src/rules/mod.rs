@@ -288,7 +288,7 @@ fn parse_document(file: &str, text: &str) -> Result<(DomainRules, Option<usize>)
     // Editors on Windows may start a file with a byte order mark; it takes no line.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let tree = yaml::parse(text).map_err(|err| fail(err.line, err.message))?;
-    let document = validate::document(&tree).map_err(|err| fail(Some(err.line), err.message))?;
+    let document = validate::document(&tree).map_err(|err| fail(err.line, err.message))?;
     let rules = DomainRules {
         name: document.domain,
         source: file.to_owned(),

@@ -2,9 +2,10 @@
 //! envoyproxy/ratelimit checks it, failing on the first problem with its line.
 //!
 //! One recursive walk, in document order. Each map section (the file, a descriptor, a
-//! rate_limit, a replaces entry) is read key by key: unknown and repeated keys are refused at the
-//! key, a bad value at the value, and what needs the whole section (a missing key, a unit with
-//! `unlimited`, a duplicate descriptor) at the section's first line. Upstream compatibility:
+//! rate_limit, a replaces entry) is described by a table of its keys, each with the [`Slot`] its
+//! value is read into, and read by one [`Section`] reader: unknown and repeated keys are refused
+//! at the key, a bad value at the value, and what needs the whole section (a missing key, a unit
+//! with `unlimited`, a duplicate descriptor) at the section's first line. Upstream compatibility:
 //! YAML 1.1 booleans (`yes`, `on`, ...) are accepted as yaml.v2 does; `<<` merge keys work in
 //! descriptors and rate_limits (explicit keys win, then earlier sources); strings are taken as
 //! written (`1.10`, `010`); an empty `value` or `name` counts as absent; `requests_per_unit`
@@ -17,21 +18,13 @@ use std::fmt;
 use hivemind_core::Unit;
 
 use super::matcher::{composite, Level, Node};
-use super::yaml::{Entries, Node as Shape, Scalar, Yaml};
+use super::yaml::{Entries, Invalid, Node as Shape, Scalar, Yaml};
 use super::{RateLimit, Rule};
-
-/// A rules document that does not validate: the 1-based line and the message.
-#[derive(Debug)]
-pub(crate) struct Invalid {
-    pub(crate) line: usize,
-    pub(crate) message: String,
-}
 
 type Result<T> = std::result::Result<T, Invalid>;
 
 fn invalid<T>(at: &Yaml, message: impl Into<String>) -> Result<T> {
-    let (line, message) = (at.line, message.into());
-    Err(Invalid { line, message })
+    Err(Invalid::new(Some(at.line), message))
 }
 
 /// `{what}, found {value}`: the message for a value of the wrong kind.
@@ -52,32 +45,30 @@ const UNITS: &str = "second, minute, hour, day, week, month or year";
 pub(crate) fn document(root: &Yaml) -> Result<Document> {
     const SHAPE: &str = "a map with 'domain' and 'descriptors'";
     let not_a_map = "a rules file must be a map with 'domain' and 'descriptors'";
-    let Some(entries) = collection(root, Path::Root, SHAPE, not_a_map, Yaml::map)? else {
+    let Some(map) = collection(root, Path::Root, SHAPE, not_a_map, Yaml::map)? else {
         return invalid(root, "missing domain (the file has no YAML document)");
     };
-    let (mut domain, mut domain_line, mut descriptors) = (None, 0, Level::default());
-    let mut seen = 0;
-    for (key, value) in entries {
-        let name = section_key(key, &["domain", "descriptors"], "the rules file", &mut seen)?;
-        let path = Path::Key(&Path::Root, name);
-        if name == "domain" {
-            domain_line = key.line;
-            domain = string(value, path)?;
-            if domain.as_deref() == Some("") {
-                return invalid(value, "domain is empty");
-            }
-        } else {
-            descriptors = list(value, path)?;
-        }
+    let mut domain = Slot::new(|value, path| non_empty(value, path, "domain is empty"));
+    let mut descriptors = Slot::new(list);
+    Section {
+        name: "the rules file",
+        merges: false,
+        fields: &mut [("domain", &mut domain), ("descriptors", &mut descriptors)],
     }
-    let Some(domain) = domain else {
+    .read(map, Path::Root)?;
+    let Some(domain) = domain.get() else {
         return invalid(root, "missing domain");
     };
-    name_rules(&mut descriptors.nodes, "");
+    // Read above: the keys are strings, each at most once.
+    let domain_key = map
+        .iter()
+        .find(|(key, _)| key.scalar() == Some(Scalar::Text("domain")));
+    let mut root = descriptors.or_default();
+    name_rules(&mut root.nodes, "");
     Ok(Document {
         domain,
-        domain_line,
-        root: descriptors,
+        domain_line: domain_key.map_or(0, |(key, _)| key.line),
+        root,
     })
 }
 
@@ -97,6 +88,17 @@ impl fmt::Display for Path<'_> {
             Path::Key(Path::Root, key) => f.write_str(key),
             Path::Key(parent, key) => write!(f, "{parent}.{key}"),
             Path::Index(parent, i) => write!(f, "{parent}[{i}]"),
+        }
+    }
+}
+
+impl Path<'_> {
+    /// The key of the field this path ends at ("" at the root or an index).
+    fn key(&self) -> &str {
+        if let Path::Key(_, key) = self {
+            key
+        } else {
+            ""
         }
     }
 }
@@ -130,39 +132,135 @@ fn huge<T>(value: &Yaml, path: Path, text: &str, expected: &str) -> Result<T> {
     type_error(value, path, &found, expected)
 }
 
-/// A map key of a section: a string among `keys`, not seen before (`seen` is a bit per key).
-fn section_key(
-    key: &Yaml,
-    keys: &[&'static str],
-    section: &str,
-    seen: &mut u32,
-) -> Result<&'static str> {
-    untagged(key, Path::Root, "a key")?;
-    let Some(Scalar::Text(text)) = key.scalar() else {
-        return invalid(key, format!("key is not a string: {}", key.found()));
-    };
-    let Some(i) = keys.iter().position(|k| *k == text) else {
-        let expected: Vec<&str> = keys.iter().copied().filter(|k| *k != "<<").collect();
-        let expected = expected.join(", ");
-        let message = format!("unknown key '{text}' in {section} (expected {expected})");
-        return invalid(key, message);
-    };
-    if *seen & (1 << i) != 0 {
-        return invalid(key, format!("key '{text}' appears twice in one {section}"));
+/// A map section (the file, a descriptor, a rate_limit, a replaces entry) as data: what
+/// messages call it, whether `<<` may merge other maps into it, and its keys with the [`Slot`]
+/// each value is read into, in the order messages list them.
+struct Section<'a> {
+    name: &'static str,
+    merges: bool,
+    fields: &'a mut [(&'static str, &'a mut dyn Offer)],
+}
+
+impl Section<'_> {
+    /// Reads `map` into the fields, key by key in file order, with its `<<` sources where the
+    /// `<<` is.
+    fn read(mut self, map: &Entries, path: Path) -> Result<()> {
+        self.map(map, path, 0, &mut 0)
     }
-    *seen |= 1 << i;
-    Ok(keys[i])
+
+    /// Reads one map of the section, of rank `rank`; each `<<` source (a map, or a list of
+    /// maps) gets the next rank (`last` counts them), so the ranks follow the sources in
+    /// pre-order (see [`Slot`]).
+    fn map(&mut self, map: &Entries, path: Path, rank: usize, last: &mut usize) -> Result<()> {
+        const NOT_MERGEABLE: &str = "'<<' must merge a map or a list of maps";
+        // A bit per field, and the last for `<<`.
+        let mut seen = 0u32;
+        for (key, value) in map {
+            let i = self.key(key, &mut seen)?;
+            let path = Path::Key(&path, self.fields.get(i).map_or("<<", |field| field.0));
+            if let Some((_, slot)) = self.fields.get_mut(i) {
+                slot.offer(value, rank, path)?;
+                continue;
+            }
+            untagged(value, path, "a map or a list of maps")?;
+            // One map is merged as a list of one, except that its path has no index.
+            let (sources, indexed) = match &value.node {
+                Shape::Map(_) => (std::slice::from_ref(value), false),
+                Shape::List(items) => (&items[..], true),
+                Shape::Scalar { .. } => return wrong(value, NOT_MERGEABLE),
+            };
+            for (i, source) in sources.iter().enumerate() {
+                untagged(source, path, "a map")?;
+                let Some(source) = source.map() else {
+                    let message = format!("{NOT_MERGEABLE}, found {} in the list", source.found());
+                    return invalid(source, message);
+                };
+                *last += 1;
+                let path = if indexed { Path::Index(&path, i) } else { path };
+                self.map(source, path, *last, last)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The index of `key` in the fields (the fields' count for `<<`): a string key of the
+    /// section, not `seen` before in the same map.
+    fn key(&self, key: &Yaml, seen: &mut u32) -> Result<usize> {
+        untagged(key, Path::Root, "a key")?;
+        let Some(Scalar::Text(text)) = key.scalar() else {
+            return invalid(key, format!("key is not a string: {}", key.found()));
+        };
+        let (name, keys) = (self.name, self.fields.iter().map(|field| field.0));
+        let merge = (self.merges && text == "<<").then_some(self.fields.len());
+        let Some(i) = keys.clone().position(|k| k == text).or(merge) else {
+            let expected = keys.collect::<Vec<_>>().join(", ");
+            let message = format!("unknown key '{text}' in {name} (expected {expected})");
+            return invalid(key, message);
+        };
+        if *seen & (1 << i) != 0 {
+            return invalid(key, format!("key '{text}' appears twice in one {name}"));
+        }
+        *seen |= 1 << i;
+        Ok(i)
+    }
+}
+
+/// What a [`Section`] table holds for each key: a [`Slot`] of some type.
+trait Offer {
+    /// Validates `value`, written in a map of this `rank`, and keeps it if it wins.
+    fn offer(&mut self, value: &Yaml, rank: usize, path: Path) -> Result<()>;
+}
+
+/// A field of a [`Section`]: how to read its value, and the value kept so far with the rank of
+/// the map it came from. The lowest rank wins: the section's own map is 0 and its `<<` sources
+/// count up in pre-order, so an explicit key beats merged ones, then an earlier source (with its
+/// own sources) a later one. A value read as absent (`None`: a null or empty string) leaves the
+/// field to other maps; flags, counts and lists are never absent, their null is false, 0, empty.
+struct Slot<T> {
+    /// Validates a value where it is written.
+    read: fn(&Yaml, Path) -> Result<Option<T>>,
+    /// The winning value so far and its rank.
+    kept: Option<(usize, T)>,
+}
+
+impl<T> Slot<T> {
+    fn new(read: fn(&Yaml, Path) -> Result<Option<T>>) -> Self {
+        Slot { read, kept: None }
+    }
+
+    fn get(self) -> Option<T> {
+        self.kept.map(|(_, value)| value)
+    }
+
+    /// The value, or the field's default (false, 0, empty) when no map gave one.
+    fn or_default(self) -> T
+    where
+        T: Default,
+    {
+        self.get().unwrap_or_default()
+    }
+}
+
+impl<T> Offer for Slot<T> {
+    fn offer(&mut self, value: &Yaml, rank: usize, path: Path) -> Result<()> {
+        let value = (self.read)(value, path)?;
+        let lower = self.kept.as_ref().is_none_or(|(kept, _)| rank < *kept);
+        if let Some(value) = value.filter(|_| lower) {
+            self.kept = Some((rank, value));
+        }
+        Ok(())
+    }
 }
 
 /// A value that must be a map or a list (`shape` picks which, e.g. [`Yaml::map`]) or null
 /// (`None`). A tag is refused in serde's words (`expected {tagged}`), another value as
 /// `{not_shaped}, found ...`.
-fn collection<'y, 't, T: ?Sized>(
-    value: &'y Yaml<'t>,
+fn collection<'y, T: ?Sized>(
+    value: &'y Yaml,
     path: Path,
     tagged: &str,
     not_shaped: &str,
-    shape: fn(&'y Yaml<'t>) -> Option<&'y T>,
+    shape: fn(&'y Yaml) -> Option<&'y T>,
 ) -> Result<Option<&'y T>> {
     untagged(value, path, tagged)?;
     match shape(value) {
@@ -192,35 +290,46 @@ fn string(value: &Yaml, path: Path) -> Result<Option<String>> {
     }
 }
 
-/// Where an empty string counts as absent (`value`, `name`, `unit`).
-fn non_empty(text: Option<String>) -> Option<String> {
-    text.filter(|text| !text.is_empty())
+/// A string field where empty counts as absent (`value`, `name`, `unit`).
+fn optional(value: &Yaml, path: Path) -> Result<Option<String>> {
+    Ok(string(value, path)?.filter(|text| !text.is_empty()))
 }
 
-/// A boolean flag: YAML 1.1 spellings as yaml.v2 reads them; null is false.
-fn flag(value: &Yaml, field: &str, path: Path) -> Result<bool> {
+/// A string field that must not be empty (`domain`, a descriptor's `key`, a replaces `name`):
+/// `empty` is the message if it is.
+fn non_empty(value: &Yaml, path: Path, empty: &str) -> Result<Option<String>> {
+    match string(value, path)? {
+        Some(text) if text.is_empty() => invalid(value, empty),
+        text => Ok(text),
+    }
+}
+
+/// The spellings of true and false yaml.v2 reads (YAML 1.1), plain or quoted.
+const TRUE: [&str; 11] = [
+    "y", "Y", "yes", "Yes", "YES", "on", "On", "ON", "true", "True", "TRUE",
+];
+const FALSE: [&str; 11] = [
+    "n", "N", "no", "No", "NO", "off", "Off", "OFF", "false", "False", "FALSE",
+];
+
+/// A boolean flag, spelled as in [`TRUE`] and [`FALSE`]; null is false.
+fn flag(value: &Yaml, path: Path) -> Result<Option<bool>> {
     let on = match scalar(value, path, "true or false")? {
         Some(Scalar::Null) => Some(false),
         Some(Scalar::Bool(on)) => Some(on),
-        Some(Scalar::Text(text)) => match text {
-            "y" | "Y" | "yes" | "Yes" | "YES" | "on" | "On" | "ON" | "true" | "True" | "TRUE" => {
-                Some(true)
-            }
-            "n" | "N" | "no" | "No" | "NO" | "off" | "Off" | "OFF" | "false" | "False"
-            | "FALSE" => Some(false),
-            _ => None,
-        },
+        Some(Scalar::Text(text)) if TRUE.contains(&text) => Some(true),
+        Some(Scalar::Text(text)) if FALSE.contains(&text) => Some(false),
         _ => None,
     };
     match on {
-        Some(on) => Ok(on),
-        None => wrong(value, &format!("'{field}' must be true or false")),
+        Some(on) => Ok(Some(on)),
+        None => wrong(value, &format!("'{}' must be true or false", path.key())),
     }
 }
 
 /// `requests_per_unit`: a whole number that fits in a u32 (a float with no fraction, like
 /// `1e3`, too, as yaml.v2 takes it); null is 0.
-fn count(value: &Yaml, path: Path) -> Result<u32> {
+fn count(value: &Yaml, path: Path) -> Result<Option<u32>> {
     const EXPECTED: &str = "a whole number from 0 to 4294967295";
     let n = match scalar(value, path, EXPECTED)? {
         Some(Scalar::Null) => Some(0),
@@ -232,14 +341,14 @@ fn count(value: &Yaml, path: Path) -> Result<u32> {
         _ => None,
     };
     match n {
-        Some(n) => Ok(n),
+        Some(n) => Ok(Some(n)),
         None => wrong(value, &format!("requests_per_unit must be {EXPECTED}")),
     }
 }
 
 /// `unit`: one of [`UNITS`]; null or empty is none.
 fn unit(value: &Yaml, path: Path) -> Result<Option<Unit>> {
-    let Some(text) = non_empty(string(value, path)?) else {
+    let Some(text) = optional(value, path)? else {
         return Ok(None);
     };
     match Unit::parse(&text) {
@@ -288,9 +397,8 @@ fn json(value: &Yaml, path: Path) -> Result<serde_json::Value> {
         (_, Some(Scalar::Bool(b))) => Json::Bool(b),
         (_, Some(Scalar::Unsigned(n))) => Json::from(n),
         (_, Some(Scalar::Signed(n))) => Json::from(n),
-        (_, Some(Scalar::Float(f))) => {
-            serde_json::Number::from_f64(f).map_or(Json::Null, Json::Number)
-        }
+        // Not a number (NaN, infinite) is null.
+        (_, Some(Scalar::Float(f))) => Json::from(f),
         (_, Some(Scalar::Huge(text))) => return huge(value, path, text, "any YAML value"),
         (_, Some(Scalar::Text(text))) => Json::String(text.to_owned()),
         (_, Some(Scalar::Null) | None) => Json::Null,
@@ -302,7 +410,7 @@ fn json(value: &Yaml, path: Path) -> Result<serde_json::Value> {
 }
 
 /// A `descriptors` list: one level of the tree; null is empty.
-fn list(value: &Yaml, path: Path) -> Result<Level> {
+fn list(value: &Yaml, path: Path) -> Result<Option<Level>> {
     let not_a_list = "'descriptors' must be a list";
     let items = collection(value, path, "a list of descriptors", not_a_list, Yaml::list)?;
     let items = items.unwrap_or_default();
@@ -315,183 +423,7 @@ fn list(value: &Yaml, path: Path) -> Result<Level> {
         }
         nodes.push(node);
     }
-    Ok(Level::new(nodes))
-}
-
-/// A map section that takes `<<` merge keys (a descriptor, a rate_limit), read by [`read`].
-trait Section: Default {
-    /// The keys it takes, `<<` included.
-    const KEYS: &'static [&'static str];
-    /// What messages call it.
-    const NAME: &'static str;
-    /// Validates `value` as the field `key`, written in a map of this `rank` (see [`Slot`]).
-    fn field(&mut self, key: &'static str, value: &Yaml, rank: usize, path: Path) -> Result<()>;
-}
-
-/// Reads a section's map key by key, in file order, with its `<<` sources where the `<<` is.
-fn read<S: Section>(map: &Entries, path: Path) -> Result<S> {
-    let mut fields = S::default();
-    read_map(&mut fields, map, path, 0, &mut 0)?;
-    Ok(fields)
-}
-
-/// Reads one map of a section, of rank `rank`; each `<<` source (a map, or a list of maps) gets
-/// the next rank (`last_rank` counts them), so the ranks follow the sources in pre-order.
-fn read_map<S: Section>(
-    fields: &mut S,
-    map: &Entries,
-    path: Path,
-    rank: usize,
-    last_rank: &mut usize,
-) -> Result<()> {
-    const NOT_MERGEABLE: &str = "'<<' must merge a map or a list of maps";
-    let mut seen = 0;
-    for (key, value) in map {
-        let key = section_key(key, S::KEYS, S::NAME, &mut seen)?;
-        let path = Path::Key(&path, key);
-        if key != "<<" {
-            fields.field(key, value, rank, path)?;
-            continue;
-        }
-        untagged(value, path, "a map or a list of maps")?;
-        // One map is merged as a list of one, except that its path has no index.
-        let (sources, indexed) = match &value.node {
-            Shape::Map(_) => (std::slice::from_ref(value), false),
-            Shape::List(items) => (&items[..], true),
-            Shape::Scalar { .. } => return wrong(value, NOT_MERGEABLE),
-        };
-        for (i, source) in sources.iter().enumerate() {
-            untagged(source, path, "a map")?;
-            let Some(source) = source.map() else {
-                let message = format!("{NOT_MERGEABLE}, found {} in the list", source.found());
-                return invalid(source, message);
-            };
-            let path = if indexed { Path::Index(&path, i) } else { path };
-            *last_rank += 1;
-            read_map(fields, source, path, *last_rank, last_rank)?;
-        }
-    }
-    Ok(())
-}
-
-/// A field of a [`Section`]: the value kept so far and the rank of the map it came from. The
-/// lowest rank wins: the section's own map is 0 and its `<<` sources count up in pre-order, so
-/// an explicit key beats merged ones, then an earlier source (with its own sources) a later one.
-struct Slot<T>(Option<(usize, T)>);
-
-impl<T> Default for Slot<T> {
-    fn default() -> Self {
-        Slot(None)
-    }
-}
-
-impl<T> Slot<T> {
-    /// Keeps `value`, unless it is absent (`None`) or a map of lower rank gave one.
-    fn offer(&mut self, rank: usize, value: impl Into<Option<T>>) {
-        let lower = self.0.as_ref().is_none_or(|(kept, _)| rank < *kept);
-        if let Some(value) = value.into().filter(|_| lower) {
-            self.0 = Some((rank, value));
-        }
-    }
-
-    fn get(self) -> Option<T> {
-        self.0.map(|(_, value)| value)
-    }
-
-    /// The value, or the field's default (false, 0, empty) when no map gave one.
-    fn or_default(self) -> T
-    where
-        T: Default,
-    {
-        self.get().unwrap_or_default()
-    }
-}
-
-/// The fields of one descriptor map, with its `<<` sources.
-#[derive(Default)]
-struct DescriptorFields {
-    key: Slot<String>,
-    value: Slot<String>,
-    rate_limit: Slot<Limit>,
-    children: Slot<Level>,
-    shadow_mode: Slot<bool>,
-    quota_mode: Slot<bool>,
-    detailed_metric: Slot<bool>,
-    value_to_metric: Slot<bool>,
-    share_threshold: Slot<bool>,
-    metadata: Slot<serde_json::Value>,
-}
-
-impl Section for DescriptorFields {
-    const KEYS: &'static [&'static str] = &[
-        "key",
-        "value",
-        "rate_limit",
-        "descriptors",
-        "shadow_mode",
-        "quota_mode",
-        "detailed_metric",
-        "value_to_metric",
-        "share_threshold",
-        "metadata",
-        "<<",
-    ];
-    const NAME: &'static str = "descriptor";
-
-    fn field(&mut self, key: &'static str, value: &Yaml, rank: usize, path: Path) -> Result<()> {
-        match key {
-            "key" => {
-                let key = string(value, path)?;
-                if key.as_deref() == Some("") {
-                    return invalid(value, "descriptor has empty key");
-                }
-                self.key.offer(rank, key);
-            }
-            "value" => self.value.offer(rank, non_empty(string(value, path)?)),
-            "rate_limit" => self.rate_limit.offer(rank, rate_limit(value, path)?),
-            "descriptors" => self.children.offer(rank, list(value, path)?),
-            "metadata" => self.metadata.offer(rank, metadata(value, path)?),
-            "shadow_mode" => self.shadow_mode.offer(rank, flag(value, key, path)?),
-            "quota_mode" => self.quota_mode.offer(rank, flag(value, key, path)?),
-            "detailed_metric" => self.detailed_metric.offer(rank, flag(value, key, path)?),
-            "value_to_metric" => self.value_to_metric.offer(rank, flag(value, key, path)?),
-            _ => self.share_threshold.offer(rank, flag(value, key, path)?),
-        }
-        Ok(())
-    }
-}
-
-/// The fields of one rate_limit map, with its `<<` sources.
-#[derive(Default)]
-struct LimitFields {
-    unit: Slot<Unit>,
-    requests_per_unit: Slot<u32>,
-    name: Slot<String>,
-    replaces: Slot<Vec<String>>,
-    unlimited: Slot<bool>,
-}
-
-impl Section for LimitFields {
-    const KEYS: &'static [&'static str] = &[
-        "unit",
-        "requests_per_unit",
-        "name",
-        "replaces",
-        "unlimited",
-        "<<",
-    ];
-    const NAME: &'static str = "rate_limit";
-
-    fn field(&mut self, key: &'static str, value: &Yaml, rank: usize, path: Path) -> Result<()> {
-        match key {
-            "unit" => self.unit.offer(rank, unit(value, path)?),
-            "requests_per_unit" => self.requests_per_unit.offer(rank, count(value, path)?),
-            "name" => self.name.offer(rank, non_empty(string(value, path)?)),
-            "replaces" => self.replaces.offer(rank, replaces(value, path)?),
-            _ => self.unlimited.offer(rank, flag(value, key, path)?),
-        }
-        Ok(())
-    }
+    Ok(Some(Level::new(nodes)))
 }
 
 /// One element of a `descriptors` list, validated as a whole (its siblings are the caller's).
@@ -500,46 +432,70 @@ fn descriptor(item: &Yaml, path: Path) -> Result<Node> {
     let Some(map) = item.map() else {
         return invalid(item, format!("list element is not a map: {}", item.found()));
     };
-    let fields: DescriptorFields = read(map, path)?;
-    let Some(key) = fields.key.get() else {
+    let mut key = Slot::new(|value, path| non_empty(value, path, "descriptor has empty key"));
+    let mut value = Slot::new(optional);
+    let mut rate_limit = Slot::new(rate_limit);
+    let mut children = Slot::new(list);
+    let mut shadow_mode = Slot::new(flag);
+    let mut quota_mode = Slot::new(flag);
+    let mut detailed_metric = Slot::new(flag);
+    let mut value_to_metric = Slot::new(flag);
+    let mut share_threshold = Slot::new(flag);
+    let mut metadata = Slot::new(metadata);
+    Section {
+        name: "descriptor",
+        merges: true,
+        fields: &mut [
+            ("key", &mut key),
+            ("value", &mut value),
+            ("rate_limit", &mut rate_limit),
+            ("descriptors", &mut children),
+            ("shadow_mode", &mut shadow_mode),
+            ("quota_mode", &mut quota_mode),
+            ("detailed_metric", &mut detailed_metric),
+            ("value_to_metric", &mut value_to_metric),
+            ("share_threshold", &mut share_threshold),
+            ("metadata", &mut metadata),
+        ],
+    }
+    .read(map, path)?;
+    let Some(key) = key.get() else {
         return invalid(item, "descriptor has no key");
     };
-    let value = fields.value.get();
-    let share_threshold = fields.share_threshold.or_default();
+    let value = value.get();
+    let share_threshold = share_threshold.or_default();
     if share_threshold && !value.as_deref().is_some_and(|v| v.contains('*')) {
         let composite = composite(&key, value.as_deref());
         let message = "share_threshold needs a '*' wildcard in value";
         return invalid(item, format!("{message} (descriptor '{composite}')"));
     }
-    let rule = fields.rate_limit.get().map(|limit| Rule {
-        limit: limit.limit,
-        shadow_mode: fields.shadow_mode.or_default(),
-        quota_mode: fields.quota_mode.or_default(),
-        detailed_metric: fields.detailed_metric.or_default(),
-        value_to_metric: fields.value_to_metric.or_default(),
-        share_threshold,
-        metadata: fields.metadata.get(),
-        stat_name: String::new(),
-        line: item.line,
-        unlimited_name: limit.unlimited_name,
-        unlimited_replaces: limit.unlimited_replaces,
-    });
+    let rule = rate_limit
+        .get()
+        .map(|(limit, unlimited_name, unlimited_replaces)| Rule {
+            limit,
+            shadow_mode: shadow_mode.or_default(),
+            quota_mode: quota_mode.or_default(),
+            detailed_metric: detailed_metric.or_default(),
+            value_to_metric: value_to_metric.or_default(),
+            share_threshold,
+            metadata: metadata.get(),
+            stat_name: String::new(),
+            line: item.line,
+            unlimited_name,
+            unlimited_replaces,
+        });
     Ok(Node {
         key,
         value,
         share_threshold,
         rule,
-        children: fields.children.or_default(),
+        children: children.or_default(),
         line: item.line,
     })
 }
 
-/// A validated `rate_limit`: the limit, and the `name`/`replaces` an unlimited one may carry.
-struct Limit {
-    limit: RateLimit,
-    unlimited_name: Option<String>,
-    unlimited_replaces: Vec<String>,
-}
+/// A validated `rate_limit`: the limit, and the `name` and `replaces` an unlimited one carries.
+type Limit = (RateLimit, Option<String>, Vec<String>);
 
 /// A descriptor's `rate_limit` map, merged and validated where it is written; null is none.
 fn rate_limit(value: &Yaml, path: Path) -> Result<Option<Limit>> {
@@ -547,37 +503,46 @@ fn rate_limit(value: &Yaml, path: Path) -> Result<Option<Limit>> {
     let Some(map) = collection(value, path, "a rate_limit map", not_a_map, Yaml::map)? else {
         return Ok(None);
     };
-    let fields: LimitFields = read(map, path)?;
-    let (name, replaces) = (fields.name.get(), fields.replaces.or_default());
+    let mut unit = Slot::new(unit);
+    let mut requests_per_unit = Slot::new(count);
+    let mut name = Slot::new(optional);
+    let mut replaces = Slot::new(replaces);
+    let mut unlimited = Slot::new(flag);
+    Section {
+        name: "rate_limit",
+        merges: true,
+        fields: &mut [
+            ("unit", &mut unit),
+            ("requests_per_unit", &mut requests_per_unit),
+            ("name", &mut name),
+            ("replaces", &mut replaces),
+            ("unlimited", &mut unlimited),
+        ],
+    }
+    .read(map, path)?;
+    let (name, replaces) = (name.get(), replaces.or_default());
     if let Some(name) = name.as_ref().filter(|name| replaces.contains(name)) {
         return invalid(value, format!("rate limit '{name}' replaces itself"));
     }
-    let limit = match (fields.unlimited.or_default(), fields.unit.get()) {
-        (true, Some(_)) => return invalid(value, "unlimited rate_limit must not have a unit"),
-        (true, None) => Limit {
-            limit: RateLimit::Unlimited,
-            unlimited_name: name,
-            unlimited_replaces: replaces,
-        },
-        (false, None) => {
-            return invalid(value, format!("rate_limit has no unit (expected {UNITS})"))
-        }
-        (false, Some(unit)) => Limit {
-            limit: RateLimit::Limited {
-                requests_per_unit: fields.requests_per_unit.or_default(),
+    match (unlimited.or_default(), unit.get()) {
+        (true, Some(_)) => invalid(value, "unlimited rate_limit must not have a unit"),
+        (true, None) => Ok(Some((RateLimit::Unlimited, name, replaces))),
+        (false, None) => invalid(value, format!("rate_limit has no unit (expected {UNITS})")),
+        (false, Some(unit)) => {
+            let requests_per_unit = requests_per_unit.or_default();
+            let limit = RateLimit::Limited {
+                requests_per_unit,
                 unit,
                 name,
                 replaces,
-            },
-            unlimited_name: None,
-            unlimited_replaces: Vec::new(),
-        },
-    };
-    Ok(Some(limit))
+            };
+            Ok(Some((limit, None, Vec::new())))
+        }
+    }
 }
 
 /// `replaces`: a list of `{name: ...}` maps, each with a non-empty name; null is empty.
-fn replaces(value: &Yaml, path: Path) -> Result<Vec<String>> {
+fn replaces(value: &Yaml, path: Path) -> Result<Option<Vec<String>>> {
     const SHAPE: &str = "a list of {name: ...} maps";
     let not_a_list = "'replaces' must be a list of {name: ...} maps";
     let items = collection(value, path, SHAPE, not_a_list, Yaml::list)?.unwrap_or_default();
@@ -588,20 +553,20 @@ fn replaces(value: &Yaml, path: Path) -> Result<Vec<String>> {
         let Some(map) = item.map() else {
             return invalid(item, format!("list element is not a map: {}", item.found()));
         };
-        let (mut name, mut seen) = (None, 0);
-        for (key, value) in map {
-            section_key(key, &["name"], "replaces entry", &mut seen)?;
-            name = string(value, Path::Key(&path, "name"))?;
-            if name.as_deref() == Some("") {
-                return invalid(value, "replaces entry has an empty name");
-            }
+        let mut name =
+            Slot::new(|value, path| non_empty(value, path, "replaces entry has an empty name"));
+        Section {
+            name: "replaces entry",
+            merges: false,
+            fields: &mut [("name", &mut name)],
         }
-        let Some(name) = name else {
+        .read(map, path)?;
+        let Some(name) = name.get() else {
             return invalid(item, "replaces entry has an empty name");
         };
         names.push(name);
     }
-    Ok(names)
+    Ok(Some(names))
 }
 
 /// Gives every rule its stat name: the `key` / `key_value` path from the top, joined by '.'.

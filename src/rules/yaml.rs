@@ -15,27 +15,27 @@ use saphyr_parser::{Event, Parser, ScalarStyle, Span, StrInput, Tag};
 
 /// One YAML node and the 1-based line it starts on (for an anchored node, the anchor's line).
 #[derive(Debug, Clone)]
-pub(crate) struct Yaml<'t> {
+pub(crate) struct Yaml {
     pub(crate) line: usize,
-    pub(crate) node: Node<'t>,
+    pub(crate) node: Node,
     /// A tag outside the core schema (`!foo`), which metadata keeps as `{"!foo": value}`.
     pub(crate) tag: Option<String>,
 }
 
 /// The entries of a map, in file order; a key written twice stays twice.
-pub(crate) type Entries<'t> = [(Yaml<'t>, Yaml<'t>)];
+pub(crate) type Entries = [(Yaml, Yaml)];
 
 /// The shape of a [`Yaml`] node.
 #[derive(Debug, Clone)]
-pub(crate) enum Node<'t> {
+pub(crate) enum Node {
     /// A scalar as written. `plain` is true for an untagged plain scalar (or one tagged with a
     /// core type other than `!!str`): only those are read as null, booleans or numbers.
     Scalar {
-        text: Cow<'t, str>,
+        text: String,
         plain: bool,
     },
-    List(Vec<Yaml<'t>>),
-    Map(Vec<(Yaml<'t>, Yaml<'t>)>),
+    List(Vec<Yaml>),
+    Map(Vec<(Yaml, Yaml)>),
 }
 
 /// What a scalar means under the YAML 1.2 core schema as serde_yaml applies it (quoted scalars are
@@ -52,17 +52,19 @@ pub(crate) enum Scalar<'a> {
     Text(&'a str),
 }
 
-/// A document that could not be parsed: where, and what is wrong.
+/// A rules document that cannot be read, from either pass: the 1-based line (when the problem
+/// is at a place in the text) and what is wrong.
 #[derive(Debug)]
-pub(crate) struct SyntaxError {
+pub(crate) struct Invalid {
     pub(crate) line: Option<usize>,
     pub(crate) message: String,
 }
 
-impl SyntaxError {
-    fn new(line: Option<usize>, message: impl Into<String>) -> Self {
+impl Invalid {
+    /// A problem at `line` (or at no place in particular).
+    pub(crate) fn new(line: Option<usize>, message: impl Into<String>) -> Self {
         let message = message.into();
-        SyntaxError { line, message }
+        Invalid { line, message }
     }
 }
 
@@ -72,90 +74,84 @@ const ALIAS_BUDGET: usize = 1_000_000;
 const MAX_DEPTH: usize = 128;
 
 /// Parses one document. A text with no document at all reads as a null at its last line.
-pub(crate) fn parse(text: &str) -> Result<Yaml<'_>, SyntaxError> {
-    match Reader::new(text).document() {
-        Err(Fault::TabAfterColon(_)) => parse_untabbed(text),
-        result => result.map_err(|fault| syntax_error(text, fault)),
-    }
-}
-
+///
 /// saphyr-parser refuses a tab right after a `:` indicator, which YAML (and libyaml) allow as
-/// separating white space: turn each such tab into a space, keeping every position, and read
-/// again.
-fn parse_untabbed(text: &str) -> Result<Yaml<'static>, SyntaxError> {
-    let mut patched = text.to_owned();
+/// separating white space: each such tab is turned into a space, keeping every position, and the
+/// text read again.
+pub(crate) fn parse(text: &str) -> Result<Yaml, Invalid> {
+    let mut patched = Cow::Borrowed(text);
     for _ in 0..10_000 {
-        let at = match Reader::new(&patched).document() {
+        let at = match Reader::new(&patched, text).document() {
+            Ok(root) => return Ok(root),
+            Err(Fault::Invalid(invalid)) => return Err(invalid),
             Err(Fault::TabAfterColon(at)) => at,
-            Err(fault) => return Err(syntax_error(text, fault)),
-            Ok(root) => return Ok(root.into_owned()),
         };
         // The error points at the tab or just past it.
         let mut near = patched.char_indices().skip(at.saturating_sub(1)).take(2);
         let Some((tab, _)) = near.find(|&(_, c)| c == '\t') else {
             break;
         };
-        patched.replace_range(tab..=tab, " ");
+        patched.to_mut().replace_range(tab..=tab, " ");
     }
-    Err(syntax_error(text, Fault::Syntax))
+    Err(libyaml_error(text))
 }
 
 /// Why a text could not be read.
 enum Fault {
-    /// The scanner or parser refused it.
-    Syntax,
     /// A tab right after `:`, at this character index.
     TabAfterColon(usize),
-    /// Parsed, but not a document this reader takes (a second document, an unknown alias, ...).
-    Refused(SyntaxError),
+    /// Anything else.
+    Invalid(Invalid),
 }
 
 fn refused(line: Option<usize>, message: &str) -> Fault {
-    Fault::Refused(SyntaxError::new(line, message))
+    Fault::Invalid(Invalid::new(line, message))
 }
 
-fn syntax_error(text: &str, fault: Fault) -> SyntaxError {
-    match fault {
-        Fault::Refused(error) => error,
-        // libyaml's wording (serde_yaml's, before this reader) for the same mistake.
-        Fault::Syntax | Fault::TabAfterColon(_) => libyaml_error(text),
-    }
-}
-
-/// serde_yaml's message and line for a text that does not parse ("invalid YAML" if it does).
-fn libyaml_error(text: &str) -> SyntaxError {
+/// serde_yaml's message and line for a text that does not parse ("invalid YAML" if it does):
+/// libyaml's wording, which this reader's users saw before it.
+fn libyaml_error(text: &str) -> Invalid {
     let Err(error) = serde_yaml::from_str::<serde::de::IgnoredAny>(text) else {
-        return SyntaxError::new(None, "invalid YAML");
+        return Invalid::new(None, "invalid YAML");
     };
     let message = error.to_string();
     let Some(at) = error.location() else {
-        return SyntaxError::new(None, message);
+        return Invalid::new(None, message);
     };
     // The line is reported apart: drop libyaml's position from the message.
     let suffix = format!(" at line {} column {}", at.line(), at.column());
     let message = message.strip_suffix(&suffix).unwrap_or(&message);
-    SyntaxError::new(Some(at.line()), message)
+    Invalid::new(Some(at.line()), message)
 }
 
 /// Assembles the parser's events into [`Yaml`] nodes.
 struct Reader<'t> {
+    /// The events of `text`.
     parser: Parser<'t, StrInput<'t>>,
-    /// Anchor id → the anchored node and its node count.
-    anchors: HashMap<usize, (Yaml<'t>, usize)>,
-    alias_budget: usize,
-    text: &'t str,
-    /// The text's lines, split at the first block scalar.
+    /// The text as given, for libyaml's message when the parser refuses it.
+    source: &'t str,
+    /// Anchor id → the anchored node and how many nodes it is.
+    anchors: HashMap<usize, (Yaml, usize)>,
+    /// Nodes made so far, alias copies included: how big an anchored node is.
+    nodes: usize,
+    /// Nodes copied by aliases so far, at most [`ALIAS_BUDGET`].
+    copied: usize,
+    /// The text's lines, split at the first block scalar (see [`Reader::header_line`]).
     lines: Vec<&'t str>,
+    /// The text being read (`source`, or a copy with tabs patched).
+    text: &'t str,
 }
 
 impl<'t> Reader<'t> {
-    fn new(text: &'t str) -> Self {
+    fn new(text: &'t str, source: &'t str) -> Self {
         Reader {
             parser: Parser::new_from_str(text),
+            source,
             anchors: HashMap::new(),
-            alias_budget: ALIAS_BUDGET,
-            text,
+            nodes: 0,
+            copied: 0,
             lines: Vec::new(),
+            text,
         }
     }
 
@@ -165,18 +161,18 @@ impl<'t> Reader<'t> {
             Some(Err(err)) if err.info().starts_with("':' must be followed by") => {
                 Err(Fault::TabAfterColon(err.marker().index()))
             }
-            Some(Err(_)) => Err(Fault::Syntax),
+            Some(Err(_)) => Err(Fault::Invalid(libyaml_error(self.source))),
             None => Ok((Event::StreamEnd, Span::default())),
         }
     }
 
-    fn document(&mut self) -> Result<Yaml<'t>, Fault> {
+    fn document(&mut self) -> Result<Yaml, Fault> {
         let mut root = None;
         loop {
             match self.next()? {
                 (Event::StreamEnd, span) => {
                     // No document at all: a null.
-                    let (line, tag, text) = (span.start.line(), None, Cow::Borrowed(""));
+                    let (line, tag, text) = (span.start.line(), None, String::new());
                     let node = Node::Scalar { text, plain: true };
                     return Ok(root.unwrap_or(Yaml { line, node, tag }));
                 }
@@ -195,20 +191,22 @@ impl<'t> Reader<'t> {
         }
     }
 
-    fn node(&mut self, event: Event<'t>, span: Span, depth: usize) -> Result<Yaml<'t>, Fault> {
+    fn node(&mut self, event: Event<'t>, span: Span, depth: usize) -> Result<Yaml, Fault> {
         let mut line = span.start.line();
         if depth > MAX_DEPTH {
             return Err(refused(Some(line), "recursion limit exceeded"));
         }
+        let first = self.nodes;
         let (anchor, tag, node) = match event {
             Event::Alias(id) => {
                 let Some((node, count)) = self.anchors.get(&id) else {
                     return Err(refused(Some(line), "unknown anchor"));
                 };
-                let Some(left) = self.alias_budget.checked_sub(*count) else {
+                self.nodes += count;
+                self.copied += count;
+                if self.copied > ALIAS_BUDGET {
                     return Err(refused(Some(line), "repetition limit exceeded"));
-                };
-                self.alias_budget = left;
+                }
                 return Ok(node.clone());
             }
             Event::Scalar(text, style, anchor, tag) => {
@@ -219,6 +217,7 @@ impl<'t> Reader<'t> {
                 if matches!(style, ScalarStyle::Literal | ScalarStyle::Folded) {
                     line = self.header_line(span);
                 }
+                let text = text.into_owned();
                 (anchor, tag, Node::Scalar { text, plain })
             }
             Event::SequenceStart(anchor, tag) => {
@@ -241,14 +240,16 @@ impl<'t> Reader<'t> {
         let tag = tag.filter(|tag| !tag.is_yaml_core_schema());
         let tag = tag.map(|tag| Tag::to_string(&tag));
         let yaml = Yaml { line, node, tag };
+        self.nodes += 1;
         if anchor > 0 {
-            self.anchors.insert(anchor, (yaml.clone(), yaml.count()));
+            self.anchors
+                .insert(anchor, (yaml.clone(), self.nodes - first));
         }
         Ok(yaml)
     }
 
     /// The next item (or key) of a collection at `depth`, or `None` at the collection's end.
-    fn child(&mut self, depth: usize) -> Result<Option<Yaml<'t>>, Fault> {
+    fn child(&mut self, depth: usize) -> Result<Option<Yaml>, Fault> {
         match self.next()? {
             (Event::SequenceEnd | Event::MappingEnd, _) => Ok(None),
             (event, span) => self.node(event, span, depth + 1).map(Some),
@@ -275,35 +276,9 @@ impl<'t> Reader<'t> {
     }
 }
 
-impl<'t> Yaml<'t> {
-    /// The same tree, owning its text.
-    fn into_owned(self) -> Yaml<'static> {
-        let node = match self.node {
-            Node::Scalar { text, plain } => {
-                let text = Cow::Owned(text.into_owned());
-                Node::Scalar { text, plain }
-            }
-            Node::List(items) => Node::List(items.into_iter().map(Yaml::into_owned).collect()),
-            Node::Map(entries) => {
-                let owned = |(k, v): (Yaml, Yaml)| (k.into_owned(), v.into_owned());
-                Node::Map(entries.into_iter().map(owned).collect())
-            }
-        };
-        let (line, tag) = (self.line, self.tag);
-        Yaml { line, node, tag }
-    }
-
-    /// How many nodes this one is, itself included.
-    fn count(&self) -> usize {
-        1 + match &self.node {
-            Node::Scalar { .. } => 0,
-            Node::List(items) => items.iter().map(Yaml::count).sum(),
-            Node::Map(entries) => entries.iter().map(|(k, v)| k.count() + v.count()).sum(),
-        }
-    }
-
+impl Yaml {
     /// The entries, if this is a map.
-    pub(crate) fn map(&self) -> Option<&Entries<'t>> {
+    pub(crate) fn map(&self) -> Option<&Entries> {
         match &self.node {
             Node::Map(entries) => Some(entries),
             _ => None,
@@ -311,7 +286,7 @@ impl<'t> Yaml<'t> {
     }
 
     /// The items, if this is a list.
-    pub(crate) fn list(&self) -> Option<&[Yaml<'t>]> {
+    pub(crate) fn list(&self) -> Option<&[Yaml]> {
         match &self.node {
             Node::List(items) => Some(items),
             _ => None,
@@ -357,6 +332,8 @@ pub(crate) fn resolve(text: &str) -> Scalar<'_> {
         "" | "~" | "null" | "Null" | "NULL" => return Scalar::Null,
         "true" | "True" | "TRUE" => return Scalar::Bool(true),
         "false" | "False" | "FALSE" => return Scalar::Bool(false),
+        // No number starts with a letter (`inf` and `nan` are only numbers with a dot).
+        _ if text.starts_with(char::is_alphabetic) => return Scalar::Text(text),
         _ => {}
     }
     let (negative, unsigned) = match text.as_bytes()[0] {

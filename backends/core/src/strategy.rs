@@ -123,6 +123,16 @@ pub struct StrategyError {
 }
 
 impl ErrorKind {
+    /// The kind's name in metrics labels and trace attributes: `unavailable`, `timeout`,
+    /// `rejected`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Rejected => "rejected",
+        }
+    }
+
     fn describe(self) -> &'static str {
         match self {
             ErrorKind::Unavailable => "rate limit backend unavailable",

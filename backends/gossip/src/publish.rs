@@ -50,7 +50,16 @@ const COLD_SLACK: f64 = 0.4;
 /// stale): near the limit every node ends up refusing the last hits of the window. Each
 /// unchanged republication shows a rate of 0 (the receiver halves its smoothed rate) and restarts
 /// the age of the information.
-const IDLE_REPUBLISH_ROUNDS: u32 = 4;
+///
+/// 20 rounds (5 gossip rounds at 4 publication rounds per gossip round) is as long as the
+/// peers keep a rate before it goes stale (`mesh.rs`: 5 gossip rounds). With 4, a node that
+/// admits one hit a second (10 per second on 9 nodes) was republished for one gossip round
+/// after each hit: its peers heard of it about once, halved its rate once, and then
+/// extrapolated half the rate of its hit (10/s over a 100 ms gossip round) for 400 ms more,
+/// up to 0.75 phantom hit per peer, 3 of a limit of 10 over 8 peers. Chitchat sends only a
+/// key's latest value, so the cost is one entry per gossip round per hot key that stopped,
+/// for 5 gossip rounds.
+const IDLE_REPUBLISH_ROUNDS: u32 = 20;
 
 /// A key idle this long (ms) after its published window ended is deleted: a key hit again soon
 /// after a window boundary keeps its entry (overwritten in place) instead of a delete and a set.
@@ -815,7 +824,8 @@ mod tests {
         hit(&counters, "cold", 100, Unit::Minute, 20, T0);
         hit(&counters, "hot", 100, Unit::Minute, 60, T0);
         assert_eq!(publisher.round(&counters, &view, T0, 100, 2).sets.len(), 2);
-        let later: Vec<_> = (0..10)
+        let rounds = IDLE_REPUBLISH_ROUNDS + 6;
+        let later: Vec<_> = (0..rounds)
             .map(|_| decoded(&publisher.round(&counters, &view, T0, 100, 2)))
             .collect();
         let republished = later.iter().filter(|sets| !sets.is_empty()).count();
@@ -827,7 +837,7 @@ mod tests {
         // A new hit restarts the count of unchanged republications.
         hit(&counters, "hot", 100, Unit::Minute, 1, T0);
         let mut sent = 0;
-        for _ in 0..10 {
+        for _ in 0..rounds {
             sent += publisher.round(&counters, &view, T0, 100, 2).sets.len();
         }
         assert_eq!(sent as u32, 1 + IDLE_REPUBLISH_ROUNDS);

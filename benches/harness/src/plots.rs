@@ -82,25 +82,7 @@ pub fn admitted(
                 .label(format!("{what} at {at:.1} s"))
                 .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], EVENT.stroke_width(2)));
         }
-        for (i, line) in lines.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            chart
-                .draw_series(LineSeries::new(
-                    line.points.iter().copied(),
-                    color.stroke_width(2),
-                ))?
-                .label(line.label.as_str())
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
-                });
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()?;
-        Ok(())
+        strategy_lines(&mut chart, lines, |p| p)
     })
     .map_err(err)
 }
@@ -128,27 +110,39 @@ pub fn latency_cdf(path: &Path, title: &str, lines: &[Line]) -> Result<(), PlotE
             .x_desc("latency from the intended send time, µs (log)")
             .y_desc("fraction of decided calls")
             .draw()?;
-        for (i, line) in lines.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            chart
-                .draw_series(LineSeries::new(
-                    line.points.iter().map(|&(x, y)| (x.max(1.0), y)),
-                    color.stroke_width(2),
-                ))?
-                .label(line.label.as_str())
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
-                });
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()?;
-        Ok(())
+        // A log axis has no 0: a sub-µs latency is drawn at 1 µs.
+        strategy_lines(&mut chart, lines, |(x, y)| (x.max(1.0), y))
     })
     .map_err(err)
+}
+
+/// Draws one line per strategy (Palette99 colours, in order) through `point`, then the legend
+/// of every series on the chart.
+fn strategy_lines<'a, X, Y>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    lines: &[Line],
+    point: impl Fn((f64, f64)) -> (f64, f64),
+) -> Result<(), DrawingAreaErrorKind<std::io::Error>>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    for (i, line) in lines.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(
+                line.points.iter().map(|&p| point(p)),
+                color.stroke_width(2),
+            ))?
+            .label(line.label.as_str())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
 }
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
