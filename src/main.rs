@@ -7,6 +7,7 @@ use clap::Parser;
 use hivemind::cli::Cli;
 use hivemind::server::{self, Listeners};
 use hivemind::settings::{Settings, SettingsFile, SETTINGS_ENV};
+use hivemind_core::ListeningLine;
 
 /// mimalloc instead of the system allocator: the gRPC path allocates a few small buffers per
 /// call, and glibc malloc showed up as a tenth of the server's profile under load.
@@ -48,10 +49,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         // One line on stdout that scripts and tests can wait for, once the server answers;
         // logs go to stderr.
         let ready = move || {
-            match mesh {
-                Some(mesh) => println!("listening grpc={grpc} admin={admin} mesh={mesh}"),
-                None => println!("listening grpc={grpc} admin={admin}"),
-            }
+            println!("{}", ListeningLine { grpc, admin, mesh });
             tracing::info!(%grpc, %admin, strategy, "hivemind serving");
         };
         server::run_with_ready(settings, listeners, server::shutdown_signal(), ready).await?;

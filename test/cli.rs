@@ -1,7 +1,16 @@
 //! The `hivemind` binary as a user runs it: `--check-config`, `--healthcheck`, errors for bad
-//! settings and rules, the embedded default rules, and graceful exit on SIGTERM.
+//! settings and rules, the embedded default rules, graceful exit on SIGTERM, and the
+//! listening line and strategy names the test launcher shares with the server.
+
+mod support;
 
 use std::process::Command;
+use std::time::Duration;
+
+use hivemind::settings::StrategyKind;
+use hivemind_core::ListeningLine;
+use hivemind_testkit::Strategy;
+use support::{http_get, Server};
 
 fn hivemind() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hivemind"));
@@ -108,41 +117,20 @@ fn the_embedded_rules_stand_in_when_the_default_file_is_missing() {
     assert!(stderr.contains("missing.yaml"), "{stderr}");
 }
 
-/// A standalone server on free loopback ports, once it answers; its admin address.
-fn spawn_standalone() -> (std::process::Child, String) {
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
-    let mut child = hivemind()
-        .args([
-            "-a",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--strategy",
-            "standalone",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn hivemind");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .expect("read the listening line");
-    assert!(line.starts_with("listening grpc=127.0.0.1:"), "{line}");
-    let admin = line.split("admin=").nth(1).unwrap().trim().to_owned();
-    (child, admin)
+/// A standalone server on free loopback ports, once it answers (testkit's launcher).
+fn spawn_standalone() -> Server {
+    Server::start(&["--strategy", Strategy::Standalone.as_str()])
 }
 
 #[test]
 fn healthcheck_probes_the_running_server_by_exit_code() {
-    let (mut child, admin) = spawn_standalone();
+    let mut server = spawn_standalone();
+    let admin = server.admin_addr.to_string();
     let (code, stdout, stderr) = run(hivemind().args(["--healthcheck", "--admin-addr", &admin]));
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.starts_with("OK\n"), "{stdout}");
     // The same probe of an address nobody serves fails, saying where it looked.
-    child.kill().unwrap();
-    child.wait().unwrap();
+    server.kill();
     let (code, _, stderr) = run(hivemind().args(["--healthcheck", "--admin-addr", &admin]));
     assert_eq!(code, 1);
     assert!(
@@ -153,27 +141,46 @@ fn healthcheck_probes_the_running_server_by_exit_code() {
 
 #[test]
 fn sigterm_drains_and_exits_zero() {
-    let (child, admin) = spawn_standalone();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let status = rt.block_on(async {
-        reqwest::get(format!("http://{admin}/healthcheck"))
-            .await
-            .unwrap()
-            .status()
-    });
-    assert_eq!(status, 200);
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let mut server = spawn_standalone();
+    let health = http_get(server.admin_addr, "/healthcheck").expect("GET /healthcheck");
+    assert_eq!(health.status, 200, "{}", health.body);
+    let process = server.process();
+    process.signal("TERM").expect("send SIGTERM");
+    let status = process
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("still running 30 s after SIGTERM\n{}", process.stderr()));
+    let stderr = process.stderr();
+    assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("shutdown complete"), "{stderr}");
+}
+
+#[test]
+fn the_launcher_reads_the_listening_line_the_server_prints() {
+    let server = spawn_standalone();
+    assert_eq!(server.mesh_addr, None, "standalone has no mesh");
+    let stdout = std::fs::read_to_string(server.logs().join("stdout.log")).unwrap();
+    let line: ListeningLine = stdout.lines().next().unwrap().parse().unwrap();
+    assert_eq!(line.to_string(), stdout.lines().next().unwrap());
+    assert_eq!(
+        (line.grpc, line.admin),
+        (server.grpc_addr, server.admin_addr)
+    );
+    let health = http_get(server.admin_addr, "/healthcheck").expect("GET /healthcheck");
+    assert_eq!(health.status, 200, "{}", health.body);
+}
+
+#[test]
+fn testkit_strategy_names_are_the_servers() {
+    use clap::ValueEnum;
+    for kind in StrategyKind::value_variants() {
+        let name = kind.as_str();
+        let strategy: Strategy = name.parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(strategy.as_str(), name);
+    }
+    for strategy in [Strategy::Standalone, Strategy::Gossip, Strategy::Redis] {
+        let kind = StrategyKind::from_str(strategy.as_str(), false).unwrap();
+        assert_eq!(kind.as_str(), strategy.as_str());
+    }
 }
 
 #[test]

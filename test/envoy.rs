@@ -12,6 +12,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use hivemind_testkit::Strategy;
 use support::{example_envoy_config, free_port, http_request, Envoy, HttpResponse, Server};
 
 /// The same shapes as `config/ratelimit.yaml` (keep them in sync), written by the test itself so
@@ -37,7 +38,10 @@ struct Stack {
 }
 
 fn start_stack() -> Stack {
-    stack_on(Server::with_rules(RULES, &["--strategy", "standalone"]))
+    stack_on(Server::with_rules(
+        RULES,
+        &["--strategy", Strategy::Standalone.as_str()],
+    ))
 }
 
 /// Envoy in front of `server`, warmed up.
@@ -295,7 +299,12 @@ fn redis_mode_admits_five_per_minute_then_429() {
     let url = redis.url();
     let stack = stack_on(Server::with_rules(
         RULES,
-        &["--strategy", "redis", "--redis-url", url.as_str()],
+        &[
+            "--strategy",
+            Strategy::Redis.as_str(),
+            "--redis-url",
+            url.as_str(),
+        ],
     ));
     wait_if_minute_nearly_over();
     for i in 0..5u64 {

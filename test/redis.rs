@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hivemind::proto::{
     Code, DescriptorEntry, RateLimitDescriptor, RateLimitRequest, RateLimitServiceClient,
 };
-use hivemind_testkit::{RedisCluster, RedisServer};
+use hivemind_testkit::{RedisCluster, RedisServer, Strategy};
 use support::{http_get, Server};
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -470,7 +470,7 @@ async fn a_redis_cluster_holds_limits_across_slots() {
         "--settings",
         settings.as_str(),
         "--strategy",
-        "redis",
+        Strategy::Redis.as_str(),
         "--redis-cluster-nodes",
         nodes.as_str(),
     ];

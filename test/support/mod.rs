@@ -1,5 +1,6 @@
-//! Helpers shared by the integration tests: run the real `hivemind` binary and a real Envoy as
-//! child processes, on loopback, and stop them when the handle drops.
+//! Helpers shared by the integration tests: run the real `hivemind` binary (through testkit's
+//! launcher) and a real Envoy as child processes, on loopback, and stop them when the handle
+//! drops; testkit's admin client with the tests' timeout.
 //!
 //! Everything here is blocking std code (no runtime needed), so it works from `#[test]` and from
 //! `#[tokio::test]` alike. Every wait is bounded and fails loudly with the child's output.
@@ -9,14 +10,13 @@
 pub mod compose;
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use hivemind_testkit::launch::{Launch, Process};
 
 /// How long a child process gets to come up before the test fails.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -34,24 +34,26 @@ pub fn free_port() -> u16 {
 // hivemind
 // ---------------------------------------------------------------------------------------------
 
-/// A running `hivemind` process, killed on drop.
+/// A running `hivemind` process (testkit's launcher), killed on drop.
 pub struct Server {
-    child: Child,
+    /// The process, its logs and its listening line.
+    process: Process,
+    /// Where its RLS gRPC service listens (`grpc=` on the listening line).
     pub grpc_addr: SocketAddr,
+    /// Where its admin HTTP listens (`admin=`).
     pub admin_addr: SocketAddr,
     /// The gossip mesh's UDP address (`mesh=` on the listening line), if the strategy gossips.
     pub mesh_addr: Option<SocketAddr>,
-    stderr: Arc<Mutex<Vec<u8>>>,
-    /// Holds files written for this server (rules) alive as long as it runs.
-    _dir: Option<tempfile::TempDir>,
+    /// Holds its logs and the files written for it (rules) as long as it runs.
+    _dir: tempfile::TempDir,
 }
 
 impl Server {
     /// Starts `hivemind -a 127.0.0.1:0 --admin-addr 127.0.0.1:0 ARGS...` and waits (at most
-    /// [`STARTUP_TIMEOUT`]) until it prints the `listening grpc=ADDR` and `admin=ADDR` tokens on
-    /// stdout. Panics with the captured stderr if it exits or stays silent.
+    /// [`STARTUP_TIMEOUT`]) until it prints its listening line. Panics with its stdout and
+    /// stderr if it exits or stays silent.
     pub fn start(args: &[&str]) -> Server {
-        Self::spawn(args, None)
+        Self::spawn(args, tempfile::tempdir().expect("tempdir"))
     }
 
     /// Writes `rules_yaml` to `ratelimit.yaml` in a fresh temp dir and starts the server with
@@ -63,125 +65,51 @@ impl Server {
         let rules = rules.to_str().expect("utf-8 temp path").to_owned();
         let mut all = vec!["-c", rules.as_str()];
         all.extend_from_slice(args);
-        Self::spawn(&all, Some(dir))
+        Self::spawn(&all, dir)
     }
 
-    fn spawn(args: &[&str], dir: Option<tempfile::TempDir>) -> Server {
-        let bin = env!("CARGO_BIN_EXE_hivemind");
-        let mut child = Command::new(bin)
+    /// Runs in the test's working directory (the repository, whose `config/` the server
+    /// reads by default), logs in `dir`.
+    fn spawn(args: &[&str], dir: tempfile::TempDir) -> Server {
+        let process = Launch::new(env!("CARGO_BIN_EXE_hivemind"), dir.path())
             .args(["-a", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
             .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
-
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        {
-            let mut pipe = child.stderr.take().expect("stderr piped");
-            let sink = Arc::clone(&stderr);
-            thread::spawn(move || {
-                let mut buf = [0u8; 8192];
-                while let Ok(n) = pipe.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    sink.lock().unwrap().extend_from_slice(&buf[..n]);
-                }
-            });
-        }
-
-        // Read stdout on a thread (keeps draining it afterwards so the server never blocks on a
-        // full pipe); lines reach us through a channel so the wait can be bounded.
-        let (tx, rx) = mpsc::channel::<String>();
-        {
-            let pipe = child.stdout.take().expect("stdout piped");
-            thread::spawn(move || {
-                for line in BufReader::new(pipe).lines() {
-                    let Ok(line) = line else { break };
-                    let _ = tx.send(line);
-                }
-            });
-        }
-
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        let (mut grpc, mut admin, mut mesh) = (None, None, None);
-        let mut stdout_seen = String::new();
-        let failure = loop {
-            if grpc.is_some() && admin.is_some() {
-                break None;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break Some(format!("no listening line within {STARTUP_TIMEOUT:?}"));
-            }
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    stdout_seen.push_str(&line);
-                    stdout_seen.push('\n');
-                    for token in line.split_whitespace() {
-                        if let Some(a) = token.strip_prefix("grpc=") {
-                            grpc = grpc.or(a.parse::<SocketAddr>().ok());
-                        } else if let Some(a) = token.strip_prefix("admin=") {
-                            admin = admin.or(a.parse::<SocketAddr>().ok());
-                        } else if let Some(a) = token.strip_prefix("mesh=") {
-                            mesh = mesh.or(a.parse::<SocketAddr>().ok());
-                        }
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    break Some(format!("no listening line within {STARTUP_TIMEOUT:?}"));
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    // stdout closed: the process exited (or closed stdout) before listening.
-                    thread::sleep(Duration::from_millis(200)); // let the stderr reader catch up
-                    let status = child.try_wait().ok().flatten();
-                    break Some(format!("stdout closed before listening (exit: {status:?})"));
-                }
-            }
-        };
-
-        if let Some(why) = failure {
-            let _ = child.kill();
-            let _ = child.wait();
-            thread::sleep(Duration::from_millis(100));
-            let err = String::from_utf8_lossy(&stderr.lock().unwrap()).into_owned();
-            panic!(
-                "hivemind {args:?} did not start: {why}\n--- stdout ---\n{stdout_seen}\
-                 --- stderr ---\n{err}"
-            );
-        }
-
+            .start_timeout(STARTUP_TIMEOUT)
+            .start()
+            .unwrap_or_else(|e| panic!("hivemind {args:?} {e}"));
+        let listening = process.listening();
         Server {
-            child,
-            grpc_addr: grpc.unwrap(),
-            admin_addr: admin.unwrap(),
-            mesh_addr: mesh,
-            stderr,
+            process,
+            grpc_addr: listening.grpc,
+            admin_addr: listening.admin,
+            mesh_addr: listening.mesh,
             _dir: dir,
         }
     }
 
     /// What the server has written to stderr so far (its logs).
     pub fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+        self.process.stderr()
     }
 
+    /// The process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
+    }
+
+    /// The directory of its `stdout.log` and `stderr.log` (and the rules of [`Server::with_rules`]).
+    pub fn logs(&self) -> &Path {
+        self.process.logs()
+    }
+
+    /// The process itself, for signals and exit status.
+    pub fn process(&mut self) -> &mut Process {
+        &mut self.process
     }
 
     /// Kills the process (SIGKILL) and reaps it. Idempotent.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
+        self.process.kill();
     }
 }
 
@@ -402,33 +330,21 @@ impl Drop for Envoy {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A minimal blocking HTTP/1.1 client (for admin endpoints; tests may prefer reqwest)
+// HTTP: testkit's admin client with the tests' 5 s bound
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Debug)]
-pub struct HttpResponse {
-    pub status: u16,
-    /// Header names lower-cased, in order.
-    pub headers: Vec<(String, String)>,
-    pub body: String,
-}
+pub use hivemind_testkit::http::HttpResponse;
 
-impl HttpResponse {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        let name = name.to_ascii_lowercase();
-        self.headers
-            .iter()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
+/// How long one HTTP exchange of a test may take.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// `GET path` over a fresh connection with `Connection: close`; 5 s timeouts.
+/// `GET path` over a fresh connection with `Connection: close`, bounded by [`HTTP_TIMEOUT`].
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<HttpResponse> {
-    http_request(addr, "GET", path, &[], b"")
+    hivemind_testkit::http::get_blocking(addr, path, HTTP_TIMEOUT)
 }
 
-/// One HTTP/1.1 request over a fresh connection with `Connection: close`; 5 s timeouts.
+/// One HTTP/1.1 request over a fresh connection with `Connection: close`, bounded by
+/// [`HTTP_TIMEOUT`].
 pub fn http_request(
     addr: SocketAddr,
     method: &str,
@@ -436,65 +352,5 @@ pub fn http_request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> std::io::Result<HttpResponse> {
-    use std::io::{Error, ErrorKind};
-    let timeout = Duration::from_secs(5);
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    stream.write_all(req.as_bytes())?;
-    stream.write_all(body)?;
-
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let bad = |what: &str| Error::new(ErrorKind::InvalidData, format!("bad HTTP response: {what}"));
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad("no header end"))?;
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut body = raw[split + 4..].to_vec();
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| bad("status line"))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    if headers
-        .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"))
-    {
-        body = dechunk(&body).ok_or_else(|| bad("chunked body"))?;
-    }
-    Ok(HttpResponse {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
-}
-
-fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = data.windows(2).position(|w| w == b"\r\n")?;
-        let size_text = std::str::from_utf8(&data[..eol]).ok()?;
-        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-        data = &data[eol + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(data.get(..size)?);
-        data = data.get(size + 2..)?;
-    }
+    hivemind_testkit::http::request(addr, method, path, headers, body, HTTP_TIMEOUT)
 }

@@ -11,6 +11,8 @@
 //! - [`sweeper`]: the background sweep of ended windows from the local counters.
 //! - [`standalone`]: the strategy that uses only the local counters.
 //! - [`settings`]: what the settings sections share (list and secret serde, range checks).
+//! - [`listening`]: the line a serving process prints with its addresses, printed by the server
+//!   and parsed by the test launcher.
 //! - `testsuite` (feature `testsuite`): the conformance suite every strategy runs.
 //!
 //! This crate has no network dependencies on purpose: the gRPC server and the gossip and Redis
@@ -19,6 +21,7 @@
 pub mod clock;
 pub mod counters;
 pub mod hit;
+pub mod listening;
 pub mod settings;
 pub mod standalone;
 pub mod status;
@@ -31,6 +34,7 @@ pub mod window;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use counters::{window_tag, CounterChange, CounterSnapshot, CounterStats, LocalCounters};
 pub use hit::{request_admitted, Decision, Enforcement, Hit, Limit};
+pub use listening::{ListeningLine, ListeningLineError};
 pub use standalone::Standalone;
 pub use status::{CounterReport, Health, HealthState, StrategyStatus};
 pub use strategy::{

@@ -25,7 +25,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::closed_loop::{self, ClosedLoop, ClosedLoopError};
-use crate::cluster::{http_get, Cluster, ClusterError, ClusterSpec, Strategy};
+use crate::cluster::{Cluster, ClusterError, ClusterSpec, Strategy};
 use crate::experiment::{bench_rules, bench_rules_per_value, DOMAIN, KEY, VALUE};
 use crate::figures::{self, Figures, WindowPoint};
 use crate::plots::{self, Line, PlotError};
@@ -33,6 +33,7 @@ use crate::report::Latency;
 use crate::scenario::{Action, Scenario, Spread, StrategyRun};
 use crate::truth::{window_index, window_micros};
 use crate::workload::{self, unix_micros, Workload, WorkloadError};
+use hivemind_testkit::http;
 
 /// How long a cluster may take to answer its health checks (gossip: to form).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -465,7 +466,7 @@ fn act(cluster: &mut Cluster, redis: Option<&mut RedisServer>, action: Action) -
 async fn bytes_sent(admins: &[SocketAddr]) -> Vec<Option<u64>> {
     let mut out = Vec::with_capacity(admins.len());
     for &admin in admins {
-        let value = match http_get(admin, "/stats", Duration::from_secs(1)).await {
+        let value = match http::get(admin, "/stats", Duration::from_secs(1)).await {
             Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body)
                 .ok()
                 .and_then(|json| find_u64(&json["backend"], "bytes_sent")),

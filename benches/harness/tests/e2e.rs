@@ -186,7 +186,8 @@ fn the_overshoot_binary_prints_the_table_and_writes_json() {
     let dir = tempfile::tempdir().expect("tempdir");
     let json = dir.path().join("report.json");
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_overshoot"))
-        .args(["--nodes", "1", "--strategy", "standalone", "--limit", "20"])
+        .args(["--nodes", "1", "--strategy", Strategy::Standalone.as_str()])
+        .args(["--limit", "20"])
         .args(["--load", "2", "--windows", "1", "--warmup", "0"])
         .args(["--clients-per-node", "1", "--env", "RUST_LOG=warn"])
         .arg("--binary")
@@ -271,7 +272,8 @@ fn the_quick_scenario_runs_every_strategy_and_writes_every_figure() {
         .iter()
         .map(|r| r["label"].as_str().unwrap())
         .collect();
-    assert_eq!(labels, ["standalone", "gossip", "redis"]);
+    let names = [Strategy::Standalone, Strategy::Gossip, Strategy::Redis].map(Strategy::as_str);
+    assert_eq!(labels, names);
     for r in results {
         let label = r["label"].as_str().unwrap();
         assert_eq!(r["nodes"], 1, "{label}");
@@ -296,13 +298,17 @@ fn the_quick_scenario_runs_every_strategy_and_writes_every_figure() {
         assert!(t["latency"]["p99_us"].as_u64().is_some(), "{label}: {t}");
         // Gossip traffic is known for gossip only (a 1-node mesh may send nothing: 0 is a value).
         let bytes = &r["gossip_bytes_per_node_per_s"];
-        assert_eq!(bytes.is_number(), label == "gossip", "{label}: {bytes}");
+        assert_eq!(
+            bytes.is_number(),
+            label == Strategy::Gossip.as_str(),
+            "{label}: {bytes}"
+        );
         assert!(r.get("convergence_after_start_s").is_some(), "{label}");
         assert!(!r["series"].as_array().unwrap().is_empty(), "{label}");
         let cdf = r["latency_cdf"].as_array().unwrap();
         assert_eq!(cdf.last().unwrap()[1], 1.0, "{label}: {cdf:?}");
         // One standalone node is an exact limiter, seen through the same pipeline.
-        if label == "standalone" {
+        if label == Strategy::Standalone.as_str() {
             assert_eq!(f["overshoot_worst_pct"], 0.0, "{f}");
         }
     }

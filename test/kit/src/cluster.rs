@@ -1,27 +1,24 @@
-//! Real `hivemind` processes on loopback, one per node.
+//! Real `hivemind` clusters on loopback, one process per node, started by [`crate::launch`].
 //!
 //! A [`Cluster`] starts N copies of the server binary, each in its own directory with its own
-//! copy of the rules file, its stdout and its stderr (files, not pipes: a pipe nobody drains
-//! would eventually block the server's logging). Every node binds gRPC and admin HTTP on
-//! `127.0.0.1:0` and reports the ports on one stdout line, `listening grpc=ADDR admin=ADDR`
-//! (gossip nodes add ` mesh=ADDR`), which [`Cluster::start`] waits for, bounded, failing with
-//! the node's stderr.
+//! copy of the rules file, its stdout and its stderr. Every node binds gRPC and admin HTTP on
+//! `127.0.0.1:0` and reports the ports on its [`ListeningLine`], which [`Cluster::start`] waits
+//! for, bounded, failing with the node's stderr.
 //!
 //! Nodes run with their directory as working directory and without the `HIVEMIND_*` variables of
 //! the calling environment, so neither a `config/hivemind.yaml` nor a stray variable of the
 //! person running the benchmark changes what is measured; what the caller wants goes through
 //! [`ClusterSpec::env`] and [`ClusterSpec::args`]. A [`Node`] kills its process when dropped.
 
-use std::ffi::OsString;
-use std::fs::File;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use crate::http;
+pub use crate::launch::ListeningLine;
+use crate::launch::{Launch, LaunchError, Process, Spawned};
 
 /// How nodes agree on counts (the server's `--strategy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -44,6 +41,12 @@ impl Strategy {
             Strategy::Gossip => "gossip",
             Strategy::Redis => "redis",
         }
+    }
+}
+
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -166,6 +169,26 @@ pub enum ClusterError {
     Build(String),
 }
 
+impl ClusterError {
+    /// Node `node`'s launch failure as a cluster error.
+    fn launch(node: usize, e: LaunchError) -> Self {
+        match e {
+            LaunchError::Io { what, source } => ClusterError::Io { what, source },
+            LaunchError::Spawn { binary, source } => ClusterError::Spawn { binary, source },
+            LaunchError::Start {
+                why,
+                stdout,
+                stderr,
+            } => ClusterError::Start {
+                node,
+                why,
+                stdout,
+                stderr,
+            },
+        }
+    }
+}
+
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ClusterError {
     let what = what.into();
     move |source| ClusterError::Io { what, source }
@@ -187,7 +210,7 @@ pub struct Node {
     /// Its directory: rules file, stdout and stderr.
     pub dir: PathBuf,
     /// The process; `kill` and drop use it.
-    child: Child,
+    process: Process,
     /// Set by [`Cluster::kill`]: the node's exit was wanted, not a crash.
     killed: bool,
 }
@@ -200,12 +223,12 @@ impl Node {
 
     /// What the node has logged so far (its stderr).
     pub fn stderr(&self) -> String {
-        read_lossy(&self.dir.join("stderr.log"))
+        self.process.stderr()
     }
 
     /// The process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// Whether [`Cluster::kill`] stopped this node.
@@ -215,19 +238,7 @@ impl Node {
 
     /// Whether the process has exited, and how, without waiting.
     pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-
-    /// SIGKILL and reap. Idempotent.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill();
+        self.process.try_exit_status()
     }
 }
 
@@ -286,6 +297,8 @@ impl Cluster {
             },
             dir,
         };
+        // Every node spawns before any is waited for, so they start side by side.
+        let mut spawned = Vec::with_capacity(spec.nodes);
         for index in 0..spec.nodes {
             // Node 0 is every other node's seed (empty for strategies without a mesh).
             let peers = match index {
@@ -297,12 +310,18 @@ impl Cluster {
                 admin: SocketAddr::from(([127, 0, 0, 1], 0)),
                 mesh: mesh_addrs.get(index).copied(),
             };
-            let node = spawn_node(&cluster.spec, cluster.dir.path(), index, listen, peers)?;
-            cluster.nodes.push(node);
+            spawned.push(spawn_node(
+                &cluster.spec,
+                cluster.dir.path(),
+                index,
+                listen,
+                peers,
+            )?);
         }
         let deadline = Instant::now() + spec.start_timeout;
-        for node in &mut cluster.nodes {
-            wait_listening(node, deadline, spec.start_timeout)?;
+        for starting in spawned {
+            let node = starting.wait_listening(deadline)?;
+            cluster.nodes.push(node);
         }
         Ok(cluster)
     }
@@ -346,19 +365,19 @@ impl Cluster {
             .get_mut(index)
             .ok_or(ClusterError::NoSuchNode(index))?;
         node.killed = true;
-        node.kill();
+        node.process.kill();
         Ok(())
     }
 
     /// Stops node `index` with SIGSTOP: it keeps its sockets but answers nothing and sends
     /// nothing, as a node cut off by a partition (or hung) would.
     pub fn pause(&mut self, index: usize) -> Result<(), ClusterError> {
-        self.signal(index, "-STOP")
+        self.signal(index, "STOP")
     }
 
     /// Continues a paused node (SIGCONT).
     pub fn resume(&mut self, index: usize) -> Result<(), ClusterError> {
-        self.signal(index, "-CONT")
+        self.signal(index, "CONT")
     }
 
     fn signal(&mut self, index: usize, which: &str) -> Result<(), ClusterError> {
@@ -366,19 +385,9 @@ impl Cluster {
             .nodes
             .get(index)
             .ok_or(ClusterError::NoSuchNode(index))?;
-        let status = Command::new("kill")
-            .args([which, &node.pid().to_string()])
-            .stdin(Stdio::null())
-            .status()
-            .map_err(io_err("running kill"))?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(ClusterError::Io {
-                what: format!("kill {which} {}", node.pid()),
-                source: io::Error::other(status.to_string()),
-            })
-        }
+        node.process
+            .signal(which)
+            .map_err(io_err(format!("signalling node {index}")))
     }
 
     /// Kills node `index` if it runs and starts it again on the same gRPC, admin and mesh
@@ -389,7 +398,7 @@ impl Cluster {
             .nodes
             .get_mut(index)
             .ok_or(ClusterError::NoSuchNode(index))?;
-        old.kill();
+        old.process.kill();
         let listen = Listen {
             grpc: old.grpc,
             admin: old.admin,
@@ -401,9 +410,9 @@ impl Cluster {
             .filter(|n| n.index != index)
             .filter_map(|n| n.mesh)
             .collect();
-        let mut node = spawn_node(&self.spec, self.dir.path(), index, listen, &peers)?;
         let deadline = Instant::now() + self.spec.start_timeout;
-        wait_listening(&mut node, deadline, self.spec.start_timeout)?;
+        let node = spawn_node(&self.spec, self.dir.path(), index, listen, &peers)?
+            .wait_listening(deadline)?;
         self.nodes[index] = node;
         Ok(())
     }
@@ -469,7 +478,7 @@ impl Cluster {
             let probes: Vec<(usize, SocketAddr)> =
                 self.live().map(|n| (n.index, n.admin)).collect();
             for (index, admin) in probes {
-                let probe = http_get(admin, "/healthcheck", Duration::from_secs(1)).await;
+                let probe = http::get(admin, "/healthcheck", Duration::from_secs(1)).await;
                 let verdict = match probe {
                     Ok((status, body)) => {
                         let health = Health {
@@ -542,6 +551,42 @@ struct Listen {
     mesh: Option<SocketAddr>,
 }
 
+/// A node spawned, not yet known to listen.
+struct SpawnedNode {
+    /// Position in the cluster.
+    index: usize,
+    /// Its `--node-id`.
+    id: String,
+    /// The mesh address it was given (gossip only).
+    mesh: Option<SocketAddr>,
+    /// Its directory.
+    dir: PathBuf,
+    /// The process.
+    spawned: Spawned,
+}
+
+impl SpawnedNode {
+    /// Waits for the listening line until `deadline`: the node, or the failure with its output.
+    fn wait_listening(self, deadline: Instant) -> Result<Node, ClusterError> {
+        let index = self.index;
+        let process = self
+            .spawned
+            .wait_listening(deadline)
+            .map_err(|e| ClusterError::launch(index, e))?;
+        let listening = process.listening();
+        Ok(Node {
+            index,
+            id: self.id,
+            grpc: listening.grpc,
+            admin: listening.admin,
+            mesh: listening.mesh.or(self.mesh),
+            dir: self.dir,
+            process,
+            killed: false,
+        })
+    }
+}
+
 /// Starts node `index` in `root/nodeI`; a restart keeps the rules file and appends to the logs
 /// of the previous run (stdout starts afresh, so the new listening line is the one read).
 fn spawn_node(
@@ -550,7 +595,7 @@ fn spawn_node(
     index: usize,
     listen: Listen,
     peers: &[SocketAddr],
-) -> Result<Node, ClusterError> {
+) -> Result<SpawnedNode, ClusterError> {
     let dir = root.join(format!("node{index}"));
     std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
     let rules = dir.join("rules.yaml");
@@ -558,185 +603,42 @@ fn spawn_node(
         std::fs::write(&rules, &spec.rules_yaml)
             .map_err(io_err(format!("writing {}", rules.display())))?;
     }
-    let stdout = File::create(dir.join("stdout.log")).map_err(io_err("creating stdout.log"))?;
-    let stderr = File::options()
-        .create(true)
-        .append(true)
-        .open(dir.join("stderr.log"))
-        .map_err(io_err("creating stderr.log"))?;
     let id = format!("node{index}");
 
-    let mut cmd = Command::new(&spec.binary);
-    cmd.current_dir(&dir)
+    let mut launch = Launch::new(&spec.binary, &dir)
+        .current_dir(&dir)
         .arg("-c")
         .arg(&rules)
         .arg("-a")
         .arg(listen.grpc.to_string())
         .arg("--admin-addr")
         .arg(listen.admin.to_string())
-        .args(["--strategy", spec.strategy.as_str()]);
+        .args(["--strategy", spec.strategy.as_str()])
+        .start_timeout(spec.start_timeout);
     let mut mesh = None;
     if let (Strategy::Gossip, Some(own)) = (spec.strategy, listen.mesh) {
         mesh = Some(own);
-        cmd.args(["--node-id", &id])
-            .args(["--mesh-addr", &own.to_string()]);
+        launch = launch
+            .args(["--node-id", &id])
+            .arg("--mesh-addr")
+            .arg(own.to_string());
         if !peers.is_empty() {
             let peers: Vec<String> = peers.iter().map(SocketAddr::to_string).collect();
-            cmd.args(["--peers", &peers.join(",")]);
+            launch = launch.arg("--peers").arg(peers.join(","));
         }
     }
-    cmd.args(&spec.args);
-    for key in inherited_hivemind_vars() {
-        cmd.env_remove(key);
+    launch = launch.args(&spec.args);
+    for (key, value) in &spec.env {
+        launch = launch.env(key, value);
     }
-    cmd.envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr);
-    let child = cmd.spawn().map_err(|source| ClusterError::Spawn {
-        binary: spec.binary.clone(),
-        source,
-    })?;
-    Ok(Node {
+    let spawned = launch.spawn().map_err(|e| ClusterError::launch(index, e))?;
+    Ok(SpawnedNode {
         index,
         id,
-        grpc: SocketAddr::from(([127, 0, 0, 1], 0)),
-        admin: SocketAddr::from(([127, 0, 0, 1], 0)),
         mesh,
         dir,
-        child,
-        killed: false,
+        spawned,
     })
-}
-
-/// `HIVEMIND_*` variables of this process, which nodes must not inherit.
-fn inherited_hivemind_vars() -> Vec<OsString> {
-    std::env::vars_os()
-        .map(|(k, _)| k)
-        .filter(|k| k.to_string_lossy().starts_with("HIVEMIND_"))
-        .collect()
-}
-
-/// Polls the node's stdout file for its listening line until `deadline`.
-fn wait_listening(
-    node: &mut Node,
-    deadline: Instant,
-    timeout: Duration,
-) -> Result<(), ClusterError> {
-    let stdout_path = node.dir.join("stdout.log");
-    loop {
-        let stdout = read_lossy(&stdout_path);
-        if let Some(line) = stdout.lines().find(|l| l.starts_with("listening ")) {
-            if let Some(addrs) = parse_listening(line) {
-                node.grpc = addrs.grpc;
-                node.admin = addrs.admin;
-                node.mesh = addrs.mesh.or(node.mesh);
-                return Ok(());
-            }
-        }
-        let why = if let Some(status) = node.try_exit_status() {
-            Some(format!("exited ({status})"))
-        } else if Instant::now() >= deadline {
-            Some(format!("no listening line within {timeout:?}"))
-        } else {
-            None
-        };
-        if let Some(why) = why {
-            node.kill();
-            return Err(ClusterError::Start {
-                node: node.index,
-                why,
-                stdout: read_lossy(&stdout_path),
-                stderr: node.stderr(),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The addresses a node reports on its listening line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ListeningLine {
-    /// `grpc=ADDR`.
-    pub grpc: SocketAddr,
-    /// `admin=ADDR`.
-    pub admin: SocketAddr,
-    /// `mesh=ADDR`, printed by gossip nodes only.
-    pub mesh: Option<SocketAddr>,
-}
-
-/// Parses `listening grpc=ADDR admin=ADDR [mesh=ADDR]`; tokens may come in any order and
-/// unknown tokens are ignored, so the server can add more later.
-pub fn parse_listening(line: &str) -> Option<ListeningLine> {
-    let mut tokens = line.split_whitespace();
-    if tokens.next() != Some("listening") {
-        return None;
-    }
-    let (mut grpc, mut admin, mut mesh) = (None, None, None);
-    for token in tokens {
-        let Some((key, value)) = token.split_once('=') else {
-            continue;
-        };
-        let slot = match key {
-            "grpc" => &mut grpc,
-            "admin" => &mut admin,
-            "mesh" => &mut mesh,
-            _ => continue,
-        };
-        *slot = Some(value.parse().ok()?);
-    }
-    Some(ListeningLine {
-        grpc: grpc?,
-        admin: admin?,
-        mesh,
-    })
-}
-
-fn read_lossy(path: &Path) -> String {
-    std::fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
-}
-
-/// `GET path` over a fresh HTTP/1.1 connection (`Connection: close`), the whole exchange
-/// bounded by `timeout`: returns the status and the body.
-///
-/// Deliberately minimal (no chunked decoding: the admin endpoints send `Content-Length`); it
-/// saves the harness an HTTP client dependency.
-pub async fn http_get(
-    addr: SocketAddr,
-    path: &str,
-    timeout: Duration,
-) -> io::Result<(u16, String)> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut raw = Vec::new();
-        // Bounded: admin answers are small; refuse anything over 1 MiB.
-        (&mut stream).take(1 << 20).read_to_end(&mut raw).await?;
-        Ok::<_, io::Error>(raw)
-    };
-    let raw = tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| {
-            io::Error::new(io::ErrorKind::TimedOut, format!("no answer in {timeout:?}"))
-        })??;
-    let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed HTTP response");
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(bad)?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(bad)?;
-    Ok((
-        status,
-        String::from_utf8_lossy(&raw[split + 4..]).into_owned(),
-    ))
 }
 
 /// A cargo build profile.
@@ -806,32 +708,6 @@ pub fn build_hivemind(profile: Profile) -> Result<PathBuf, ClusterError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn listening_line_is_parsed_with_or_without_mesh() {
-        let l = parse_listening("listening grpc=127.0.0.1:4001 admin=127.0.0.1:4002").unwrap();
-        assert_eq!(l.grpc, "127.0.0.1:4001".parse().unwrap());
-        assert_eq!(l.admin, "127.0.0.1:4002".parse().unwrap());
-        assert_eq!(l.mesh, None);
-        let l = parse_listening(
-            "listening mesh=127.0.0.1:7000 grpc=127.0.0.1:1 admin=127.0.0.1:2 extra=x",
-        )
-        .unwrap();
-        assert_eq!(l.mesh, Some("127.0.0.1:7000".parse().unwrap()));
-    }
-
-    #[test]
-    fn other_lines_and_bad_addresses_are_not_listening_lines() {
-        assert_eq!(
-            parse_listening("hello grpc=127.0.0.1:1 admin=127.0.0.1:2"),
-            None
-        );
-        assert_eq!(parse_listening("listening grpc=127.0.0.1:1"), None);
-        assert_eq!(
-            parse_listening("listening grpc=nope admin=127.0.0.1:2"),
-            None
-        );
-    }
 
     #[test]
     fn live_peers_are_read_from_the_gossip_health_body() {

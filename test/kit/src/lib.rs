@@ -12,12 +12,18 @@
 //! A missing `redis-server` or `redis-cli` panics with the command that installs it: the tests
 //! that need them never skip silently.
 //!
-//! - [`cluster`]: N real `hivemind` processes (standalone, gossip or redis) with their listening
-//!   line parsed, readiness waits, kill / pause / resume / restart, and a minimal admin HTTP GET;
-//!   used by the benchmark harness. The server's own tests still launch through `test/support`,
-//!   which needs the binary cargo builds for that test crate; moving them here is next.
+//! - [`launch`]: one real `hivemind` process, ready once it printed its listening line
+//!   ([`hivemind_core::ListeningLine`], the type the server prints it with), logs in files,
+//!   killed on drop. The server's tests (`test/support`'s `Server`) start theirs with it.
+//! - [`cluster`]: N such processes (standalone, gossip or redis), readiness waits, kill / pause /
+//!   resume / restart; what the benchmark harness runs.
+//! - [`http`]: the one admin client (HTTP/1.1 over loopback, bounded), blocking and async.
 
 pub mod cluster;
+pub mod http;
+pub mod launch;
+
+pub use cluster::Strategy;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -43,7 +43,7 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     long_windows: u64,
     /// Strategy every node runs.
-    #[arg(long, default_value = "gossip")]
+    #[arg(long, default_value_t = Strategy::Gossip)]
     strategy: Strategy,
     /// The hivemind executable [default: build and use target/release/hivemind].
     #[arg(long, value_name = "PATH")]

@@ -26,7 +26,7 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     nodes: usize,
     /// Strategy every node runs: gossip or standalone.
-    #[arg(long, default_value = "gossip")]
+    #[arg(long, default_value_t = Strategy::Gossip)]
     strategy: Strategy,
     /// Admissions allowed per window, cluster-wide.
     #[arg(long, default_value_t = 1000)]
