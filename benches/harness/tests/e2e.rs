@@ -49,6 +49,19 @@ fn hivemind() -> PathBuf {
         .clone()
 }
 
+/// Starts `spec`'s cluster off the async threads ([`Cluster::start`] blocks while the nodes
+/// start).
+async fn try_start(spec: ClusterSpec) -> Result<Cluster, hivemind_harness::ClusterError> {
+    tokio::task::spawn_blocking(move || Cluster::start(&spec))
+        .await
+        .expect("the start task panicked")
+}
+
+/// [`try_start`], failing the test if the cluster does not start.
+async fn start(spec: ClusterSpec) -> Cluster {
+    try_start(spec).await.expect("start")
+}
+
 fn experiment(nodes: usize, limit: u64, load: f64) -> Experiment {
     let mut e = Experiment::new(hivemind(), Strategy::Standalone, nodes, limit, Unit::Second);
     e.load = load;
@@ -109,10 +122,7 @@ async fn nodes_report_their_addresses_and_can_be_killed() {
         2,
         hivemind_harness::bench_rules(10, Unit::Second),
     );
-    let mut cluster = tokio::task::spawn_blocking(move || Cluster::start(&spec))
-        .await
-        .unwrap()
-        .expect("start");
+    let mut cluster = start(spec).await;
     cluster
         .wait_ready(Duration::from_secs(10))
         .await
@@ -145,9 +155,7 @@ async fn a_node_with_bad_rules_fails_fast_with_its_stderr() {
     );
     let started = std::time::Instant::now();
     let result = async {
-        let mut cluster = tokio::task::spawn_blocking(move || Cluster::start(&spec))
-            .await
-            .unwrap()?;
+        let mut cluster = try_start(spec).await?;
         cluster.wait_ready(Duration::from_secs(20)).await
     }
     .await;
@@ -216,10 +224,7 @@ async fn a_gossip_cluster_forms_and_reports_its_mesh_addresses() {
         hivemind_harness::bench_rules(10, Unit::Second),
     );
     spec.env = vec![("HIVEMIND_MESH__GOSSIP_INTERVAL".into(), "100ms".into())];
-    let mut cluster = tokio::task::spawn_blocking(move || Cluster::start(&spec))
-        .await
-        .unwrap()
-        .expect("start");
+    let mut cluster = start(spec).await;
     cluster
         .wait_formed(Duration::from_secs(15))
         .await
@@ -338,10 +343,7 @@ async fn the_closed_loop_client_counts_admitted_and_over_limit_exactly() {
         1,
         hivemind_harness::bench_rules(500, Unit::Hour),
     );
-    let mut cluster = tokio::task::spawn_blocking(move || Cluster::start(&spec))
-        .await
-        .unwrap()
-        .expect("start");
+    let mut cluster = start(spec).await;
     cluster
         .wait_ready(Duration::from_secs(10))
         .await
