@@ -808,6 +808,13 @@ mod tests {
     }
 
     #[test]
+    fn block_scalars_are_placed_at_their_content() {
+        let err = parse_err("domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      unit: >-\n        fortnight\n");
+        assert!(err.message.contains("unit 'fortnight'"), "{err}");
+        assert_eq!(err.line, Some(6), "the content's line, not the header's");
+    }
+
+    #[test]
     fn unknown_keys_name_the_section_and_the_expected_keys() {
         let err = parse_err("domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, shadow_mode: true }\n");
         assert_eq!(err.line, Some(4));

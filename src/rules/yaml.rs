@@ -7,6 +7,9 @@
 //! copy of their anchor's node, lines included (so an error inside an alias is reported where
 //! the anchored node is written, as serde_yaml and yaml.v2 do). A syntax error is reported with
 //! the message and line serde_yaml (libyaml) gives for it, as before.
+//!
+//! Unlike serde_yaml, a block scalar (`|`, `>`) is placed on the line its content starts on
+//! rather than its header's.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -136,10 +139,6 @@ struct Reader<'t> {
     nodes: usize,
     /// Nodes copied by aliases so far, at most [`ALIAS_BUDGET`].
     copied: usize,
-    /// The text's lines, split at the first block scalar (see [`Reader::header_line`]).
-    lines: Vec<&'t str>,
-    /// The text being read (`source`, or a copy with tabs patched).
-    text: &'t str,
 }
 
 impl<'t> Reader<'t> {
@@ -150,8 +149,6 @@ impl<'t> Reader<'t> {
             anchors: HashMap::new(),
             nodes: 0,
             copied: 0,
-            lines: Vec::new(),
-            text,
         }
     }
 
@@ -192,7 +189,7 @@ impl<'t> Reader<'t> {
     }
 
     fn node(&mut self, event: Event<'t>, span: Span, depth: usize) -> Result<Yaml, Fault> {
-        let mut line = span.start.line();
+        let line = span.start.line();
         if depth > MAX_DEPTH {
             return Err(refused(Some(line), "recursion limit exceeded"));
         }
@@ -214,9 +211,6 @@ impl<'t> Reader<'t> {
                     Some(tag) if tag.is_yaml_core_schema() => tag.suffix != "str",
                     _ => style == ScalarStyle::Plain,
                 };
-                if matches!(style, ScalarStyle::Literal | ScalarStyle::Folded) {
-                    line = self.header_line(span);
-                }
                 let text = text.into_owned();
                 (anchor, tag, Node::Scalar { text, plain })
             }
@@ -254,25 +248,6 @@ impl<'t> Reader<'t> {
             (Event::SequenceEnd | Event::MappingEnd, _) => Ok(None),
             (event, span) => self.node(event, span, depth + 1).map(Some),
         }
-    }
-
-    /// The line of a block scalar's `|` or `>` header: the span starts at its content, and
-    /// serde_yaml placed the scalar at the header, the last line above with anything on it.
-    fn header_line(&mut self, span: Span) -> usize {
-        if self.lines.is_empty() {
-            self.lines = self.text.split('\n').collect();
-        }
-        let text = |line: usize| self.lines.get(line - 1).copied().unwrap_or("");
-        let blank = |line: usize| text(line).chars().all(char::is_whitespace);
-        let line = span.start.line();
-        if text(line)
-            .chars()
-            .take(span.start.col())
-            .any(|c| !c.is_whitespace())
-        {
-            return line;
-        }
-        (1..line).rev().find(|&above| !blank(above)).unwrap_or(1)
     }
 }
 
