@@ -43,9 +43,8 @@ const UNITS: &str = "second, minute, hour, day, week, month or year";
 
 /// Validates a whole document.
 pub(crate) fn document(root: &Yaml) -> Result<Document> {
-    const SHAPE: &str = "a map with 'domain' and 'descriptors'";
     let not_a_map = "a rules file must be a map with 'domain' and 'descriptors'";
-    let Some(map) = collection(root, Path::Root, SHAPE, not_a_map, Yaml::map)? else {
+    let Some(map) = collection(root, not_a_map, Yaml::map)? else {
         return invalid(root, "missing domain (the file has no YAML document)");
     };
     let mut domain = Slot::new(|value, path| non_empty(value, path, "domain is empty"));
@@ -110,15 +109,6 @@ fn type_error<T>(value: &Yaml, path: Path, found: &str, expected: &str) -> Resul
     }
 }
 
-/// Refuses a node with a tag outside the core schema (`!foo`) where the schema wants a plain
-/// value, as serde_yaml did (it reads such a node as an enum).
-fn untagged(value: &Yaml, path: Path, expected: &str) -> Result<()> {
-    match value.tag {
-        Some(_) => type_error(value, path, "enum", expected),
-        None => Ok(()),
-    }
-}
-
 /// serde_yaml's refusal of an integer beyond 64 bits.
 fn huge<T>(value: &Yaml, path: Path, text: &str, expected: &str) -> Result<T> {
     let kind = if text.starts_with('-') {
@@ -160,7 +150,6 @@ impl Section<'_> {
                 slot.offer(value, rank, path)?;
                 continue;
             }
-            untagged(value, path, "a map or a list of maps")?;
             // One map is merged as a list of one, except that its path has no index.
             let (sources, indexed) = match &value.node {
                 Shape::Map(_) => (std::slice::from_ref(value), false),
@@ -168,7 +157,6 @@ impl Section<'_> {
                 Shape::Scalar { .. } => return wrong(value, NOT_MERGEABLE),
             };
             for (i, source) in sources.iter().enumerate() {
-                untagged(source, path, "a map")?;
                 let Some(source) = source.map() else {
                     let message = format!("{NOT_MERGEABLE}, found {} in the list", source.found());
                     return invalid(source, message);
@@ -184,7 +172,6 @@ impl Section<'_> {
     /// The index of `key` in the fields (the fields' count for `<<`): a string key of the
     /// section, not `seen` before in the same map.
     fn key(&self, key: &Yaml, seen: &mut u32) -> Result<usize> {
-        untagged(key, Path::Root, "a key")?;
         let Some(Scalar::Text(text)) = key.scalar() else {
             return invalid(key, format!("key is not a string: {}", key.found()));
         };
@@ -251,16 +238,12 @@ impl<T> Offer for Slot<T> {
 }
 
 /// A value that must be a map or a list (`shape` picks which, e.g. [`Yaml::map`]) or null
-/// (`None`). A tag is refused in serde's words (`expected {tagged}`), another value as
-/// `{not_shaped}, found ...`.
+/// (`None`); another value is refused as `{not_shaped}, found ...`.
 fn collection<'y, T: ?Sized>(
     value: &'y Yaml,
-    path: Path,
-    tagged: &str,
     not_shaped: &str,
     shape: fn(&'y Yaml) -> Option<&'y T>,
 ) -> Result<Option<&'y T>> {
-    untagged(value, path, tagged)?;
     match shape(value) {
         Some(inner) => Ok(Some(inner)),
         None if value.is_null() => Ok(None),
@@ -268,10 +251,9 @@ fn collection<'y, T: ?Sized>(
     }
 }
 
-/// A scalar's meaning (`None` for a list or map), refusing a tag and an integer beyond 64 bits
-/// in serde's words.
+/// A scalar's meaning (`None` for a list or map), refusing an integer beyond 64 bits in serde's
+/// words.
 fn scalar<'y>(value: &'y Yaml, path: Path, expected: &str) -> Result<Option<Scalar<'y>>> {
-    untagged(value, path, expected)?;
     match value.scalar() {
         Some(Scalar::Huge(text)) => huge(value, path, text, expected),
         scalar => Ok(scalar),
@@ -361,16 +343,16 @@ fn unit(value: &Yaml, path: Path) -> Result<Option<Unit>> {
 /// `metadata`: any map, kept as JSON; null is none.
 fn metadata(value: &Yaml, path: Path) -> Result<Option<serde_json::Value>> {
     let not_a_map = "'metadata' must be a map";
-    let map = collection(value, path, "a map", not_a_map, Yaml::map)?;
+    let map = collection(value, not_a_map, Yaml::map)?;
     map.map(|_| json(value, path)).transpose()
 }
 
-/// A metadata node as JSON, as serde_yaml converted it: a tagged node becomes `{"!tag": node}`,
-/// a non-string key its text, a duplicate key an error.
+/// A metadata node as JSON, as serde_yaml converted it: a non-string key becomes its text, a
+/// duplicate key an error.
 fn json(value: &Yaml, path: Path) -> Result<serde_json::Value> {
     use serde_json::Value as Json;
     const KEY_NOT_STRING: &str = "'metadata' cannot be represented as JSON: key must be a string";
-    let plain = match (&value.node, value.scalar()) {
+    Ok(match (&value.node, value.scalar()) {
         (Shape::List(items), _) => {
             let items = items.iter().map(|item| json(item, path));
             Json::Array(items.collect::<Result<_>>()?)
@@ -400,17 +382,13 @@ fn json(value: &Yaml, path: Path) -> Result<serde_json::Value> {
         (_, Some(Scalar::Huge(text))) => return huge(value, path, text, "any YAML value"),
         (_, Some(Scalar::Text(text))) => Json::String(text.to_owned()),
         (_, Some(Scalar::Null) | None) => Json::Null,
-    };
-    Ok(match &value.tag {
-        Some(tag) => serde_json::json!({ tag.clone(): plain }),
-        None => plain,
     })
 }
 
 /// A `descriptors` list: one level of the tree; null is empty.
 fn list(value: &Yaml, path: Path) -> Result<Option<Level>> {
     let not_a_list = "'descriptors' must be a list";
-    let items = collection(value, path, "a list of descriptors", not_a_list, Yaml::list)?;
+    let items = collection(value, not_a_list, Yaml::list)?;
     let items = items.unwrap_or_default();
     let mut siblings = HashSet::with_capacity(items.len());
     let mut nodes = Vec::with_capacity(items.len());
@@ -426,7 +404,6 @@ fn list(value: &Yaml, path: Path) -> Result<Option<Level>> {
 
 /// One element of a `descriptors` list, validated as a whole (its siblings are the caller's).
 fn descriptor(item: &Yaml, path: Path) -> Result<Node> {
-    untagged(item, path, "a descriptor map")?;
     let Some(map) = item.map() else {
         return invalid(item, format!("list element is not a map: {}", item.found()));
     };
@@ -521,7 +498,7 @@ type Limit = (RateLimit, Option<String>, Vec<String>);
 /// A descriptor's `rate_limit` map, merged and validated where it is written; null is none.
 fn rate_limit(value: &Yaml, path: Path) -> Result<Option<Limit>> {
     let not_a_map = "'rate_limit' must be a map";
-    let Some(map) = collection(value, path, "a rate_limit map", not_a_map, Yaml::map)? else {
+    let Some(map) = collection(value, not_a_map, Yaml::map)? else {
         return Ok(None);
     };
     let mut unit = Slot::new(unit);
@@ -564,13 +541,11 @@ fn rate_limit(value: &Yaml, path: Path) -> Result<Option<Limit>> {
 
 /// `replaces`: a list of `{name: ...}` maps, each with a non-empty name; null is empty.
 fn replaces(value: &Yaml, path: Path) -> Result<Option<Vec<String>>> {
-    const SHAPE: &str = "a list of {name: ...} maps";
     let not_a_list = "'replaces' must be a list of {name: ...} maps";
-    let items = collection(value, path, SHAPE, not_a_list, Yaml::list)?.unwrap_or_default();
+    let items = collection(value, not_a_list, Yaml::list)?.unwrap_or_default();
     let mut names = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let path = Path::Index(&path, i);
-        untagged(item, path, "a {name: ...} map")?;
         let Some(map) = item.map() else {
             return invalid(item, format!("list element is not a map: {}", item.found()));
         };
@@ -812,6 +787,46 @@ mod tests {
         let err = parse_err("domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      unit: >-\n        fortnight\n");
         assert!(err.message.contains("unit 'fortnight'"), "{err}");
         assert_eq!(err.line, Some(6), "the content's line, not the header's");
+    }
+
+    #[test]
+    fn tags_outside_the_core_schema_are_refused_at_the_tagged_node() {
+        for (text, tag, line) in [
+            ("domain: !name d\n", "!name", 1),
+            (
+                "domain: d\ndescriptors:\n  - !rule\n    key: a\n",
+                "!rule",
+                3,
+            ),
+            (
+                "domain: d\ndescriptors:\n  - key: a\n    rate_limit: !limit\n      unit: hour\n",
+                "!limit",
+                4,
+            ),
+            (
+                "domain: d\ndescriptors:\n  - key: a\n    metadata:\n      owner: !team x\n",
+                "!team",
+                5,
+            ),
+            ("domain: d\n!key descriptors: []\n", "!key", 2),
+            // Refused where it is written, even if nothing reads it.
+            ("domain: d\nx: &unused !big [1, [2, 3]]\n", "!big", 2),
+        ] {
+            let err = parse_err(text);
+            let message = format!("YAML tag '{tag}' is not supported in rules files");
+            assert_eq!((err.message, err.line), (message, Some(line)), "{text}");
+        }
+        // Core-schema tags are read as before: `!!str` keeps a number as text.
+        let rules = parse("domain: d\ndescriptors:\n  - key: !!str 10\n    value: !!str true\n    rate_limit: { unit: !!str hour, requests_per_unit: !!int 3 }\n");
+        assert_eq!(
+            rules.find(&[("10", "true")]).unwrap().rule.limit,
+            RateLimit::Limited {
+                requests_per_unit: 3,
+                unit: Unit::Hour,
+                name: None,
+                replaces: vec![]
+            }
+        );
     }
 
     #[test]
