@@ -10,7 +10,9 @@
 //! descriptors and rate_limits (explicit keys win, then earlier sources); strings are taken as
 //! written (`1.10`, `010`); an empty `value` or `name` counts as absent; `requests_per_unit`
 //! absent or null is 0. Where serde_yaml used to word a message (a value of the wrong type), it
-//! keeps serde's wording and the [`Path`] serde_yaml put before it.
+//! keeps serde's wording and the [`Path`] serde_yaml put before it, except that an integer beyond
+//! 64 bits is named as written (`found 99999999999999999999`); metadata keeps such an integer as
+//! its text, a JSON string (a JSON number cannot hold it exactly).
 
 use std::collections::HashSet;
 use std::fmt;
@@ -107,17 +109,6 @@ fn type_error<T>(value: &Yaml, path: Path, found: &str, expected: &str) -> Resul
         Path::Root => invalid(value, message),
         _ => invalid(value, format!("{path}: {message}")),
     }
-}
-
-/// serde_yaml's refusal of an integer beyond 64 bits.
-fn huge<T>(value: &Yaml, path: Path, text: &str, expected: &str) -> Result<T> {
-    let kind = if text.starts_with('-') {
-        "i128"
-    } else {
-        "u128"
-    };
-    let found = format!("integer `{}` as {kind}", text.trim_start_matches('+'));
-    type_error(value, path, &found, expected)
 }
 
 /// A map section (the file, a descriptor, a rate_limit, a replaces entry) as data: what
@@ -251,15 +242,6 @@ fn collection<'y, T: ?Sized>(
     }
 }
 
-/// A scalar's meaning (`None` for a list or map), refusing an integer beyond 64 bits in serde's
-/// words.
-fn scalar<'y>(value: &'y Yaml, path: Path, expected: &str) -> Result<Option<Scalar<'y>>> {
-    match value.scalar() {
-        Some(Scalar::Huge(text)) => huge(value, path, text, expected),
-        scalar => Ok(scalar),
-    }
-}
-
 /// A string field, as written; null is `None`.
 fn string(value: &Yaml, path: Path) -> Result<Option<String>> {
     match &value.node {
@@ -294,7 +276,7 @@ const FALSE: [&str; 11] = [
 
 /// A boolean flag, spelled as in [`TRUE`] and [`FALSE`]; null is false.
 fn flag(value: &Yaml, path: Path) -> Result<Option<bool>> {
-    let on = match scalar(value, path, "true or false")? {
+    let on = match value.scalar() {
         Some(Scalar::Null) => Some(false),
         Some(Scalar::Bool(on)) => Some(on),
         Some(Scalar::Text(text)) if TRUE.contains(&text) => Some(true),
@@ -309,9 +291,9 @@ fn flag(value: &Yaml, path: Path) -> Result<Option<bool>> {
 
 /// `requests_per_unit`: a whole number that fits in a u32 (a float with no fraction, like
 /// `1e3`, too, as yaml.v2 takes it); null is 0.
-fn count(value: &Yaml, path: Path) -> Result<Option<u32>> {
+fn count(value: &Yaml, _: Path) -> Result<Option<u32>> {
     const EXPECTED: &str = "a whole number from 0 to 4294967295";
-    let n = match scalar(value, path, EXPECTED)? {
+    let n = match value.scalar() {
         Some(Scalar::Null) => Some(0),
         Some(Scalar::Unsigned(n)) => u32::try_from(n).ok(),
         Some(Scalar::Signed(n)) => u32::try_from(n).ok(),
@@ -347,8 +329,8 @@ fn metadata(value: &Yaml, path: Path) -> Result<Option<serde_json::Value>> {
     map.map(|_| json(value, path)).transpose()
 }
 
-/// A metadata node as JSON, as serde_yaml converted it: a non-string key becomes its text, a
-/// duplicate key an error.
+/// A metadata node as JSON, as serde_yaml converted it: a non-string key becomes its text, an
+/// integer beyond 64 bits its text too, a duplicate key an error.
 fn json(value: &Yaml, path: Path) -> Result<serde_json::Value> {
     use serde_json::Value as Json;
     const KEY_NOT_STRING: &str = "'metadata' cannot be represented as JSON: key must be a string";
@@ -379,8 +361,7 @@ fn json(value: &Yaml, path: Path) -> Result<serde_json::Value> {
         (_, Some(Scalar::Signed(n))) => Json::from(n),
         // Not a number (NaN, infinite) is null.
         (_, Some(Scalar::Float(f))) => Json::from(f),
-        (_, Some(Scalar::Huge(text))) => return huge(value, path, text, "any YAML value"),
-        (_, Some(Scalar::Text(text))) => Json::String(text.to_owned()),
+        (_, Some(Scalar::Huge(text) | Scalar::Text(text))) => Json::String(text.to_owned()),
         (_, Some(Scalar::Null) | None) => Json::Null,
     })
 }
@@ -826,6 +807,29 @@ mod tests {
                 name: None,
                 replaces: vec![]
             }
+        );
+    }
+
+    #[test]
+    fn huge_integers_are_named_as_written() {
+        let descriptor = |body: &str| format!("domain: d\ndescriptors:\n  - key: a\n{body}");
+        let err = parse_err(&descriptor(
+            "    rate_limit: { unit: hour, requests_per_unit: 99999999999999999999 }\n",
+        ));
+        let message = "requests_per_unit must be a whole number from 0 to 4294967295, found \
+                       99999999999999999999";
+        assert_eq!((err.message.as_str(), err.line), (message, Some(4)));
+        let err = parse_err(&descriptor("    shadow_mode: -18446744073709551617\n"));
+        let message = "'shadow_mode' must be true or false, found -18446744073709551617";
+        assert_eq!((err.message.as_str(), err.line), (message, Some(4)));
+        // In metadata: the text as written (a JSON number cannot hold it exactly).
+        let rules = parse(&descriptor(
+            "    rate_limit: { unit: hour }\n    metadata: { id: 0x1ffffffffffffffff }\n",
+        ));
+        let metadata = rules.find(&[("a", "x")]).unwrap().rule.metadata.clone();
+        assert_eq!(
+            metadata,
+            Some(serde_json::json!({ "id": "0x1ffffffffffffffff" }))
         );
     }
 

@@ -49,7 +49,8 @@ pub(crate) enum Scalar<'a> {
     Bool(bool),
     Unsigned(u64),
     Signed(i64),
-    /// An integer beyond 64 bits, which serde_yaml refuses; kept as its decimal text.
+    /// An integer beyond 64 bits (but within 128), kept as written: no field takes one, and
+    /// messages and metadata show it as written.
     Huge(&'a str),
     Float(f64),
     Text(&'a str),
