@@ -49,8 +49,8 @@ pub(crate) enum Scalar<'a> {
     Bool(bool),
     Unsigned(u64),
     Signed(i64),
-    /// An integer beyond 64 bits (but within 128), kept as written: no field takes one, and
-    /// messages and metadata show it as written.
+    /// An integer beyond 64 bits (but within 128), as written: no field takes one, and messages
+    /// and metadata show its text.
     Huge(&'a str),
     Float(f64),
     Text(&'a str),
@@ -219,7 +219,7 @@ impl<'t> Reader<'t> {
             }
             Event::Scalar(text, style, anchor, tag) => {
                 let plain = match tag {
-                    Some(tag) => tag.suffix != "str",
+                    Some(tag) => tag.suffix != "str", // a core tag: others are refused above
                     None => style == ScalarStyle::Plain,
                 };
                 let text = text.into_owned();
