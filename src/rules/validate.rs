@@ -9,11 +9,12 @@
 //! YAML 1.1 booleans (`yes`, `on`, ...) are accepted as yaml.v2 does; `<<` merge keys work in
 //! descriptors and rate_limits (explicit keys win, then earlier sources); strings are taken as
 //! written (`1.10`, `010`); an empty `value` or `name` counts as absent; `requests_per_unit`
-//! absent or null is 0. Where serde_yaml used to word a message (a value of the wrong type), it
-//! keeps serde's wording and the [`Path`] serde_yaml put before it.
+//! absent or null is 0. A list or map where a string belongs keeps serde_yaml's wording without
+//! its path (`invalid type: sequence, expected a string`, not `descriptors[0].key: invalid ...`);
+//! an integer beyond 64 bits is named as written (`found 99999999999999999999`), and metadata
+//! keeps it as its text, a JSON string (a JSON number cannot hold it exactly).
 
 use std::collections::HashSet;
-use std::fmt;
 
 use hivemind_core::Unit;
 
@@ -43,19 +44,18 @@ const UNITS: &str = "second, minute, hour, day, week, month or year";
 
 /// Validates a whole document.
 pub(crate) fn document(root: &Yaml) -> Result<Document> {
-    const SHAPE: &str = "a map with 'domain' and 'descriptors'";
     let not_a_map = "a rules file must be a map with 'domain' and 'descriptors'";
-    let Some(map) = collection(root, Path::Root, SHAPE, not_a_map, Yaml::map)? else {
+    let Some(map) = collection(root, not_a_map, Yaml::map)? else {
         return invalid(root, "missing domain (the file has no YAML document)");
     };
-    let mut domain = Slot::new(|value, path| non_empty(value, path, "domain is empty"));
+    let mut domain = Slot::new(|value, _| non_empty(value, "domain is empty"));
     let mut descriptors = Slot::new(list);
     Section {
         name: "the rules file",
         merges: false,
         fields: &mut [("domain", &mut domain), ("descriptors", &mut descriptors)],
     }
-    .read(map, Path::Root)?;
+    .read(map)?;
     let Some(domain) = domain.get() else {
         return invalid(root, "missing domain");
     };
@@ -70,66 +70,6 @@ pub(crate) fn document(root: &Yaml) -> Result<Document> {
     })
 }
 
-/// Where the walk is, in serde's notation (`descriptors[0].rate_limit`): each call gets its own
-/// on the stack, and it is only written out for a message.
-#[derive(Clone, Copy)]
-enum Path<'p> {
-    Root,
-    Key(&'p Path<'p>, &'p str),
-    Index(&'p Path<'p>, usize),
-}
-
-impl fmt::Display for Path<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Path::Root => Ok(()),
-            Path::Key(Path::Root, key) => f.write_str(key),
-            Path::Key(parent, key) => write!(f, "{parent}.{key}"),
-            Path::Index(parent, i) => write!(f, "{parent}[{i}]"),
-        }
-    }
-}
-
-impl Path<'_> {
-    /// The key of the field this path ends at ("" at the root or an index).
-    fn key(&self) -> &str {
-        if let Path::Key(_, key) = self {
-            key
-        } else {
-            ""
-        }
-    }
-}
-
-/// serde's wording for a node of the wrong type, with the path serde_yaml put before it.
-fn type_error<T>(value: &Yaml, path: Path, found: &str, expected: &str) -> Result<T> {
-    let message = format!("invalid type: {found}, expected {expected}");
-    match path {
-        Path::Root => invalid(value, message),
-        _ => invalid(value, format!("{path}: {message}")),
-    }
-}
-
-/// Refuses a node with a tag outside the core schema (`!foo`) where the schema wants a plain
-/// value, as serde_yaml did (it reads such a node as an enum).
-fn untagged(value: &Yaml, path: Path, expected: &str) -> Result<()> {
-    match value.tag {
-        Some(_) => type_error(value, path, "enum", expected),
-        None => Ok(()),
-    }
-}
-
-/// serde_yaml's refusal of an integer beyond 64 bits.
-fn huge<T>(value: &Yaml, path: Path, text: &str, expected: &str) -> Result<T> {
-    let kind = if text.starts_with('-') {
-        "i128"
-    } else {
-        "u128"
-    };
-    let found = format!("integer `{}` as {kind}", text.trim_start_matches('+'));
-    type_error(value, path, &found, expected)
-}
-
 /// A map section (the file, a descriptor, a rate_limit, a replaces entry) as data: what
 /// messages call it, whether `<<` may merge other maps into it, and its keys with the [`Slot`]
 /// each value is read into, in the order messages list them.
@@ -142,40 +82,36 @@ struct Section<'a> {
 impl Section<'_> {
     /// Reads `map` into the fields, key by key in file order, with its `<<` sources where the
     /// `<<` is.
-    fn read(mut self, map: &Entries, path: Path) -> Result<()> {
-        self.map(map, path, 0, &mut 0)
+    fn read(mut self, map: &Entries) -> Result<()> {
+        self.map(map, 0, &mut 0)
     }
 
     /// Reads one map of the section, of rank `rank`; each `<<` source (a map, or a list of
     /// maps) gets the next rank (`last` counts them), so the ranks follow the sources in
     /// pre-order (see [`Slot`]).
-    fn map(&mut self, map: &Entries, path: Path, rank: usize, last: &mut usize) -> Result<()> {
+    fn map(&mut self, map: &Entries, rank: usize, last: &mut usize) -> Result<()> {
         const NOT_MERGEABLE: &str = "'<<' must merge a map or a list of maps";
         // A bit per field, and the last for `<<`.
         let mut seen = 0u32;
         for (key, value) in map {
             let i = self.key(key, &mut seen)?;
-            let path = Path::Key(&path, self.fields.get(i).map_or("<<", |field| field.0));
-            if let Some((_, slot)) = self.fields.get_mut(i) {
-                slot.offer(value, rank, path)?;
+            if let Some((name, slot)) = self.fields.get_mut(i) {
+                slot.offer(value, rank, name)?;
                 continue;
             }
-            untagged(value, path, "a map or a list of maps")?;
-            // One map is merged as a list of one, except that its path has no index.
-            let (sources, indexed) = match &value.node {
-                Shape::Map(_) => (std::slice::from_ref(value), false),
-                Shape::List(items) => (&items[..], true),
+            // One map is merged as a list of one.
+            let sources = match &value.node {
+                Shape::Map(_) => std::slice::from_ref(value),
+                Shape::List(items) => &items[..],
                 Shape::Scalar { .. } => return wrong(value, NOT_MERGEABLE),
             };
-            for (i, source) in sources.iter().enumerate() {
-                untagged(source, path, "a map")?;
+            for source in sources {
                 let Some(source) = source.map() else {
                     let message = format!("{NOT_MERGEABLE}, found {} in the list", source.found());
                     return invalid(source, message);
                 };
                 *last += 1;
-                let path = if indexed { Path::Index(&path, i) } else { path };
-                self.map(source, path, *last, last)?;
+                self.map(source, *last, last)?;
             }
         }
         Ok(())
@@ -184,7 +120,6 @@ impl Section<'_> {
     /// The index of `key` in the fields (the fields' count for `<<`): a string key of the
     /// section, not `seen` before in the same map.
     fn key(&self, key: &Yaml, seen: &mut u32) -> Result<usize> {
-        untagged(key, Path::Root, "a key")?;
         let Some(Scalar::Text(text)) = key.scalar() else {
             return invalid(key, format!("key is not a string: {}", key.found()));
         };
@@ -205,8 +140,8 @@ impl Section<'_> {
 
 /// What a [`Section`] table holds for each key: a [`Slot`] of some type.
 trait Offer {
-    /// Validates `value`, written in a map of this `rank`, and keeps it if it wins.
-    fn offer(&mut self, value: &Yaml, rank: usize, path: Path) -> Result<()>;
+    /// Validates `value`, written under `key` in a map of this `rank`, and keeps it if it wins.
+    fn offer(&mut self, value: &Yaml, rank: usize, key: &str) -> Result<()>;
 }
 
 /// A field of a [`Section`]: how to read its value, and the value kept so far with the rank of
@@ -215,14 +150,14 @@ trait Offer {
 /// own sources) a later one. A value read as absent (`None`: a null or empty string) leaves the
 /// field to other maps; flags, counts and lists are never absent, their null is false, 0, empty.
 struct Slot<T> {
-    /// Validates a value where it is written.
-    read: fn(&Yaml, Path) -> Result<Option<T>>,
+    /// Validates a value where it is written, given the key it is written under.
+    read: fn(&Yaml, &str) -> Result<Option<T>>,
     /// The winning value so far and its rank.
     kept: Option<(usize, T)>,
 }
 
 impl<T> Slot<T> {
-    fn new(read: fn(&Yaml, Path) -> Result<Option<T>>) -> Self {
+    fn new(read: fn(&Yaml, &str) -> Result<Option<T>>) -> Self {
         Slot { read, kept: None }
     }
 
@@ -240,8 +175,8 @@ impl<T> Slot<T> {
 }
 
 impl<T> Offer for Slot<T> {
-    fn offer(&mut self, value: &Yaml, rank: usize, path: Path) -> Result<()> {
-        let value = (self.read)(value, path)?;
+    fn offer(&mut self, value: &Yaml, rank: usize, key: &str) -> Result<()> {
+        let value = (self.read)(value, key)?;
         let lower = self.kept.as_ref().is_none_or(|(kept, _)| rank < *kept);
         if let Some(value) = value.filter(|_| lower) {
             self.kept = Some((rank, value));
@@ -251,16 +186,12 @@ impl<T> Offer for Slot<T> {
 }
 
 /// A value that must be a map or a list (`shape` picks which, e.g. [`Yaml::map`]) or null
-/// (`None`). A tag is refused in serde's words (`expected {tagged}`), another value as
-/// `{not_shaped}, found ...`.
+/// (`None`); another value is refused as `{not_shaped}, found ...`.
 fn collection<'y, T: ?Sized>(
     value: &'y Yaml,
-    path: Path,
-    tagged: &str,
     not_shaped: &str,
     shape: fn(&'y Yaml) -> Option<&'y T>,
 ) -> Result<Option<&'y T>> {
-    untagged(value, path, tagged)?;
     match shape(value) {
         Some(inner) => Ok(Some(inner)),
         None if value.is_null() => Ok(None),
@@ -268,35 +199,26 @@ fn collection<'y, T: ?Sized>(
     }
 }
 
-/// A scalar's meaning (`None` for a list or map), refusing a tag and an integer beyond 64 bits
-/// in serde's words.
-fn scalar<'y>(value: &'y Yaml, path: Path, expected: &str) -> Result<Option<Scalar<'y>>> {
-    untagged(value, path, expected)?;
-    match value.scalar() {
-        Some(Scalar::Huge(text)) => huge(value, path, text, expected),
-        scalar => Ok(scalar),
-    }
-}
-
 /// A string field, as written; null is `None`.
-fn string(value: &Yaml, path: Path) -> Result<Option<String>> {
+fn string(value: &Yaml) -> Result<Option<String>> {
+    let wrong_type = |found| invalid(value, format!("invalid type: {found}, expected a string"));
     match &value.node {
         _ if value.is_null() => Ok(None),
         Shape::Scalar { text, .. } => Ok(Some(text.to_string())),
-        Shape::List(_) => type_error(value, path, "sequence", "a string"),
-        Shape::Map(_) => type_error(value, path, "map", "a string"),
+        Shape::List(_) => wrong_type("sequence"),
+        Shape::Map(_) => wrong_type("map"),
     }
 }
 
 /// A string field where empty counts as absent (`value`, `name`, `unit`).
-fn optional(value: &Yaml, path: Path) -> Result<Option<String>> {
-    Ok(string(value, path)?.filter(|text| !text.is_empty()))
+fn optional(value: &Yaml) -> Result<Option<String>> {
+    Ok(string(value)?.filter(|text| !text.is_empty()))
 }
 
 /// A string field that must not be empty (`domain`, a descriptor's `key`, a replaces `name`):
 /// `empty` is the message if it is.
-fn non_empty(value: &Yaml, path: Path, empty: &str) -> Result<Option<String>> {
-    match string(value, path)? {
+fn non_empty(value: &Yaml, empty: &str) -> Result<Option<String>> {
+    match string(value)? {
         Some(text) if text.is_empty() => invalid(value, empty),
         text => Ok(text),
     }
@@ -311,8 +233,8 @@ const FALSE: [&str; 11] = [
 ];
 
 /// A boolean flag, spelled as in [`TRUE`] and [`FALSE`]; null is false.
-fn flag(value: &Yaml, path: Path) -> Result<Option<bool>> {
-    let on = match scalar(value, path, "true or false")? {
+fn flag(value: &Yaml, key: &str) -> Result<Option<bool>> {
+    let on = match value.scalar() {
         Some(Scalar::Null) => Some(false),
         Some(Scalar::Bool(on)) => Some(on),
         Some(Scalar::Text(text)) if TRUE.contains(&text) => Some(true),
@@ -321,15 +243,15 @@ fn flag(value: &Yaml, path: Path) -> Result<Option<bool>> {
     };
     match on {
         Some(on) => Ok(Some(on)),
-        None => wrong(value, &format!("'{}' must be true or false", path.key())),
+        None => wrong(value, &format!("'{key}' must be true or false")),
     }
 }
 
 /// `requests_per_unit`: a whole number that fits in a u32 (a float with no fraction, like
 /// `1e3`, too, as yaml.v2 takes it); null is 0.
-fn count(value: &Yaml, path: Path) -> Result<Option<u32>> {
+fn count(value: &Yaml, _: &str) -> Result<Option<u32>> {
     const EXPECTED: &str = "a whole number from 0 to 4294967295";
-    let n = match scalar(value, path, EXPECTED)? {
+    let n = match value.scalar() {
         Some(Scalar::Null) => Some(0),
         Some(Scalar::Unsigned(n)) => u32::try_from(n).ok(),
         Some(Scalar::Signed(n)) => u32::try_from(n).ok(),
@@ -345,8 +267,8 @@ fn count(value: &Yaml, path: Path) -> Result<Option<u32>> {
 }
 
 /// `unit`: one of [`UNITS`]; null or empty is none.
-fn unit(value: &Yaml, path: Path) -> Result<Option<Unit>> {
-    let Some(text) = optional(value, path)? else {
+fn unit(value: &Yaml, _: &str) -> Result<Option<Unit>> {
+    let Some(text) = optional(value)? else {
         return Ok(None);
     };
     match Unit::parse(&text) {
@@ -359,20 +281,20 @@ fn unit(value: &Yaml, path: Path) -> Result<Option<Unit>> {
 }
 
 /// `metadata`: any map, kept as JSON; null is none.
-fn metadata(value: &Yaml, path: Path) -> Result<Option<serde_json::Value>> {
+fn metadata(value: &Yaml, _: &str) -> Result<Option<serde_json::Value>> {
     let not_a_map = "'metadata' must be a map";
-    let map = collection(value, path, "a map", not_a_map, Yaml::map)?;
-    map.map(|_| json(value, path)).transpose()
+    let map = collection(value, not_a_map, Yaml::map)?;
+    map.map(|_| json(value)).transpose()
 }
 
-/// A metadata node as JSON, as serde_yaml converted it: a tagged node becomes `{"!tag": node}`,
-/// a non-string key its text, a duplicate key an error.
-fn json(value: &Yaml, path: Path) -> Result<serde_json::Value> {
+/// A metadata node as JSON, as serde_yaml converted it: a non-string key becomes its text, an
+/// integer beyond 64 bits its text too, a duplicate key an error.
+fn json(value: &Yaml) -> Result<serde_json::Value> {
     use serde_json::Value as Json;
     const KEY_NOT_STRING: &str = "'metadata' cannot be represented as JSON: key must be a string";
-    let plain = match (&value.node, value.scalar()) {
+    Ok(match (&value.node, value.scalar()) {
         (Shape::List(items), _) => {
-            let items = items.iter().map(|item| json(item, path));
+            let items = items.iter().map(json);
             Json::Array(items.collect::<Result<_>>()?)
         }
         (Shape::Map(entries), _) => {
@@ -383,9 +305,9 @@ fn json(value: &Yaml, path: Path) -> Result<serde_json::Value> {
                     Some(Scalar::Null) | None => return invalid(value, KEY_NOT_STRING),
                     Some(_) => key.found(),
                 };
-                let item = json(item, Path::Key(&path, &name))?;
+                let item = json(item)?;
                 if map.contains_key(&name) {
-                    let message = format!("{path}: duplicate entry with key \"{name}\"");
+                    let message = format!("duplicate entry with key \"{name}\" in 'metadata'");
                     return invalid(value, message);
                 }
                 map.insert(name, item);
@@ -397,25 +319,19 @@ fn json(value: &Yaml, path: Path) -> Result<serde_json::Value> {
         (_, Some(Scalar::Signed(n))) => Json::from(n),
         // Not a number (NaN, infinite) is null.
         (_, Some(Scalar::Float(f))) => Json::from(f),
-        (_, Some(Scalar::Huge(text))) => return huge(value, path, text, "any YAML value"),
-        (_, Some(Scalar::Text(text))) => Json::String(text.to_owned()),
+        (_, Some(Scalar::Huge(text) | Scalar::Text(text))) => Json::String(text.to_owned()),
         (_, Some(Scalar::Null) | None) => Json::Null,
-    };
-    Ok(match &value.tag {
-        Some(tag) => serde_json::json!({ tag.clone(): plain }),
-        None => plain,
     })
 }
 
 /// A `descriptors` list: one level of the tree; null is empty.
-fn list(value: &Yaml, path: Path) -> Result<Option<Level>> {
+fn list(value: &Yaml, _: &str) -> Result<Option<Level>> {
     let not_a_list = "'descriptors' must be a list";
-    let items = collection(value, path, "a list of descriptors", not_a_list, Yaml::list)?;
-    let items = items.unwrap_or_default();
+    let items = collection(value, not_a_list, Yaml::list)?.unwrap_or_default();
     let mut siblings = HashSet::with_capacity(items.len());
     let mut nodes = Vec::with_capacity(items.len());
-    for (i, item) in items.iter().enumerate() {
-        let node = descriptor(item, Path::Index(&path, i))?;
+    for item in items {
+        let node = descriptor(item)?;
         if !siblings.insert(node.composite()) {
             return invalid(item, format!("duplicate descriptor '{}'", node.composite()));
         }
@@ -425,13 +341,12 @@ fn list(value: &Yaml, path: Path) -> Result<Option<Level>> {
 }
 
 /// One element of a `descriptors` list, validated as a whole (its siblings are the caller's).
-fn descriptor(item: &Yaml, path: Path) -> Result<Node> {
-    untagged(item, path, "a descriptor map")?;
+fn descriptor(item: &Yaml) -> Result<Node> {
     let Some(map) = item.map() else {
         return invalid(item, format!("list element is not a map: {}", item.found()));
     };
-    let mut key = Slot::new(|value, path| non_empty(value, path, "descriptor has empty key"));
-    let mut value = Slot::new(optional);
+    let mut key = Slot::new(|value, _| non_empty(value, "descriptor has empty key"));
+    let mut value = Slot::new(|value, _| optional(value));
     let mut rate_limit = Slot::new(rate_limit);
     let mut children = Slot::new(list);
     let mut shadow_mode = Slot::new(flag);
@@ -456,7 +371,7 @@ fn descriptor(item: &Yaml, path: Path) -> Result<Node> {
             ("metadata", &mut metadata),
         ],
     }
-    .read(map, path)?;
+    .read(map)?;
     let Some(key) = key.get() else {
         return invalid(item, "descriptor has no key");
     };
@@ -519,14 +434,14 @@ fn head_stat_paths(node: &mut Node, level: &StatLevel) {
 type Limit = (RateLimit, Option<String>, Vec<String>);
 
 /// A descriptor's `rate_limit` map, merged and validated where it is written; null is none.
-fn rate_limit(value: &Yaml, path: Path) -> Result<Option<Limit>> {
+fn rate_limit(value: &Yaml, _: &str) -> Result<Option<Limit>> {
     let not_a_map = "'rate_limit' must be a map";
-    let Some(map) = collection(value, path, "a rate_limit map", not_a_map, Yaml::map)? else {
+    let Some(map) = collection(value, not_a_map, Yaml::map)? else {
         return Ok(None);
     };
     let mut unit = Slot::new(unit);
     let mut requests_per_unit = Slot::new(count);
-    let mut name = Slot::new(optional);
+    let mut name = Slot::new(|value, _| optional(value));
     let mut replaces = Slot::new(replaces);
     let mut unlimited = Slot::new(flag);
     Section {
@@ -540,7 +455,7 @@ fn rate_limit(value: &Yaml, path: Path) -> Result<Option<Limit>> {
             ("unlimited", &mut unlimited),
         ],
     }
-    .read(map, path)?;
+    .read(map)?;
     let (name, replaces) = (name.get(), replaces.or_default());
     if let Some(name) = name.as_ref().filter(|name| replaces.contains(name)) {
         return invalid(value, format!("rate limit '{name}' replaces itself"));
@@ -563,25 +478,21 @@ fn rate_limit(value: &Yaml, path: Path) -> Result<Option<Limit>> {
 }
 
 /// `replaces`: a list of `{name: ...}` maps, each with a non-empty name; null is empty.
-fn replaces(value: &Yaml, path: Path) -> Result<Option<Vec<String>>> {
-    const SHAPE: &str = "a list of {name: ...} maps";
+fn replaces(value: &Yaml, _: &str) -> Result<Option<Vec<String>>> {
     let not_a_list = "'replaces' must be a list of {name: ...} maps";
-    let items = collection(value, path, SHAPE, not_a_list, Yaml::list)?.unwrap_or_default();
+    let items = collection(value, not_a_list, Yaml::list)?.unwrap_or_default();
     let mut names = Vec::with_capacity(items.len());
-    for (i, item) in items.iter().enumerate() {
-        let path = Path::Index(&path, i);
-        untagged(item, path, "a {name: ...} map")?;
+    for item in items {
         let Some(map) = item.map() else {
             return invalid(item, format!("list element is not a map: {}", item.found()));
         };
-        let mut name =
-            Slot::new(|value, path| non_empty(value, path, "replaces entry has an empty name"));
+        let mut name = Slot::new(|value, _| non_empty(value, "replaces entry has an empty name"));
         Section {
             name: "replaces entry",
             merges: false,
             fields: &mut [("name", &mut name)],
         }
-        .read(map, path)?;
+        .read(map)?;
         let Some(name) = name.get() else {
             return invalid(item, "replaces entry has an empty name");
         };
@@ -805,6 +716,96 @@ mod tests {
         assert_eq!(err.line, Some(serde_line));
         let err = parse_err("domain: d\n---\ndomain: e\n");
         assert!(err.message.contains("more than one document"), "{err}");
+    }
+
+    #[test]
+    fn block_scalars_are_placed_at_their_content() {
+        let err = parse_err("domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      unit: >-\n        fortnight\n");
+        assert!(err.message.contains("unit 'fortnight'"), "{err}");
+        assert_eq!(err.line, Some(6), "the content's line, not the header's");
+    }
+
+    #[test]
+    fn tags_outside_the_core_schema_are_refused_at_the_tagged_node() {
+        for (text, tag, line) in [
+            ("domain: !name d\n", "!name", 1),
+            (
+                "domain: d\ndescriptors:\n  - !rule\n    key: a\n",
+                "!rule",
+                3,
+            ),
+            (
+                "domain: d\ndescriptors:\n  - key: a\n    rate_limit: !limit\n      unit: hour\n",
+                "!limit",
+                4,
+            ),
+            (
+                "domain: d\ndescriptors:\n  - key: a\n    metadata:\n      owner: !team x\n",
+                "!team",
+                5,
+            ),
+            ("domain: d\n!key descriptors: []\n", "!key", 2),
+            // Refused where it is written, even if nothing reads it.
+            ("domain: d\nx: &unused !big [1, [2, 3]]\n", "!big", 2),
+        ] {
+            let err = parse_err(text);
+            let message = format!("YAML tag '{tag}' is not supported in rules files");
+            assert_eq!((err.message, err.line), (message, Some(line)), "{text}");
+        }
+        // Core-schema tags are read as before: `!!str` keeps a number as text.
+        let rules = parse("domain: d\ndescriptors:\n  - key: !!str 10\n    value: !!str true\n    rate_limit: { unit: !!str hour, requests_per_unit: !!int 3 }\n");
+        assert_eq!(
+            rules.find(&[("10", "true")]).unwrap().rule.limit,
+            RateLimit::Limited {
+                requests_per_unit: 3,
+                unit: Unit::Hour,
+                name: None,
+                replaces: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn huge_integers_are_named_as_written() {
+        let descriptor = |body: &str| format!("domain: d\ndescriptors:\n  - key: a\n{body}");
+        let err = parse_err(&descriptor(
+            "    rate_limit: { unit: hour, requests_per_unit: 99999999999999999999 }\n",
+        ));
+        let message = "requests_per_unit must be a whole number from 0 to 4294967295, found \
+                       99999999999999999999";
+        assert_eq!((err.message.as_str(), err.line), (message, Some(4)));
+        let err = parse_err(&descriptor("    shadow_mode: -18446744073709551617\n"));
+        let message = "'shadow_mode' must be true or false, found -18446744073709551617";
+        assert_eq!((err.message.as_str(), err.line), (message, Some(4)));
+        // In metadata: the text as written (a JSON number cannot hold it exactly).
+        let rules = parse(&descriptor(
+            "    rate_limit: { unit: hour }\n    metadata: { id: 0x1ffffffffffffffff }\n",
+        ));
+        let metadata = rules.find(&[("a", "x")]).unwrap().rule.metadata.clone();
+        assert_eq!(
+            metadata,
+            Some(serde_json::json!({ "id": "0x1ffffffffffffffff" }))
+        );
+    }
+
+    #[test]
+    fn metadata_keys_must_make_a_json_object() {
+        let descriptor = |metadata: &str| {
+            format!("domain: d\ndescriptors:\n  - key: a\n    metadata:\n{metadata}")
+        };
+        let err = parse_err(&descriptor("      owner: x\n      team: { a: 1, a: 2 }\n"));
+        let message = "duplicate entry with key \"a\" in 'metadata'";
+        assert_eq!((err.message.as_str(), err.line), (message, Some(6)));
+        let err = parse_err(&descriptor("      [a]: x\n"));
+        assert!(err.message.contains("key must be a string"), "{err}");
+        let rules = parse(&descriptor(
+            "      10: x\n      true: y\n    rate_limit: { unit: hour }\n",
+        ));
+        let metadata = rules.find(&[("a", "x")]).unwrap().rule.metadata.clone();
+        assert_eq!(
+            metadata,
+            Some(serde_json::json!({ "10": "x", "true": "y" }))
+        );
     }
 
     #[test]

@@ -7,19 +7,22 @@
 //! copy of their anchor's node, lines included (so an error inside an alias is reported where
 //! the anchored node is written, as serde_yaml and yaml.v2 do). A syntax error is reported with
 //! the message and line serde_yaml (libyaml) gives for it, as before.
+//!
+//! Unlike serde_yaml, a tag outside the core schema (`!foo`) is refused at its node's line (`YAML
+//! tag '!foo' is not supported in rules files`; serde_yaml read it as an enum, refused as `invalid
+//! type: enum`, or as `{"!foo": value}` in metadata), and a block scalar (`|`, `>`) is placed on
+//! the line its content starts on rather than its header's.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-use saphyr_parser::{Event, Parser, ScalarStyle, Span, StrInput, Tag};
+use saphyr_parser::{Event, Parser, ScalarStyle, Span, StrInput};
 
 /// One YAML node and the 1-based line it starts on (for an anchored node, the anchor's line).
 #[derive(Debug, Clone)]
 pub(crate) struct Yaml {
     pub(crate) line: usize,
     pub(crate) node: Node,
-    /// A tag outside the core schema (`!foo`), which metadata keeps as `{"!foo": value}`.
-    pub(crate) tag: Option<String>,
 }
 
 /// The entries of a map, in file order; a key written twice stays twice.
@@ -46,7 +49,8 @@ pub(crate) enum Scalar<'a> {
     Bool(bool),
     Unsigned(u64),
     Signed(i64),
-    /// An integer beyond 64 bits, which serde_yaml refuses; kept as its decimal text.
+    /// An integer beyond 64 bits (but within 128), as written: no field takes one, and messages
+    /// and metadata show its text.
     Huge(&'a str),
     Float(f64),
     Text(&'a str),
@@ -104,7 +108,7 @@ enum Fault {
     Invalid(Invalid),
 }
 
-fn refused(line: Option<usize>, message: &str) -> Fault {
+fn refused(line: Option<usize>, message: impl Into<String>) -> Fault {
     Fault::Invalid(Invalid::new(line, message))
 }
 
@@ -136,10 +140,6 @@ struct Reader<'t> {
     nodes: usize,
     /// Nodes copied by aliases so far, at most [`ALIAS_BUDGET`].
     copied: usize,
-    /// The text's lines, split at the first block scalar (see [`Reader::header_line`]).
-    lines: Vec<&'t str>,
-    /// The text being read (`source`, or a copy with tabs patched).
-    text: &'t str,
 }
 
 impl<'t> Reader<'t> {
@@ -150,8 +150,6 @@ impl<'t> Reader<'t> {
             anchors: HashMap::new(),
             nodes: 0,
             copied: 0,
-            lines: Vec::new(),
-            text,
         }
     }
 
@@ -172,9 +170,9 @@ impl<'t> Reader<'t> {
             match self.next()? {
                 (Event::StreamEnd, span) => {
                     // No document at all: a null.
-                    let (line, tag, text) = (span.start.line(), None, String::new());
+                    let (line, text) = (span.start.line(), String::new());
                     let node = Node::Scalar { text, plain: true };
-                    return Ok(root.unwrap_or(Yaml { line, node, tag }));
+                    return Ok(root.unwrap_or(Yaml { line, node }));
                 }
                 (Event::DocumentStart(_), _) if root.is_some() => {
                     let message = "deserializing from YAML containing more than one document \
@@ -192,12 +190,22 @@ impl<'t> Reader<'t> {
     }
 
     fn node(&mut self, event: Event<'t>, span: Span, depth: usize) -> Result<Yaml, Fault> {
-        let mut line = span.start.line();
+        let line = span.start.line();
         if depth > MAX_DEPTH {
             return Err(refused(Some(line), "recursion limit exceeded"));
         }
+        // Refused before a collection's content is read: the tag is the first problem.
+        if let Event::Scalar(.., Some(tag))
+        | Event::SequenceStart(_, Some(tag))
+        | Event::MappingStart(_, Some(tag)) = &event
+        {
+            if !tag.is_yaml_core_schema() {
+                let message = format!("YAML tag '{tag}' is not supported in rules files");
+                return Err(refused(Some(line), message));
+            }
+        }
         let first = self.nodes;
-        let (anchor, tag, node) = match event {
+        let (anchor, node) = match event {
             Event::Alias(id) => {
                 let Some((node, count)) = self.anchors.get(&id) else {
                     return Err(refused(Some(line), "unknown anchor"));
@@ -210,36 +218,31 @@ impl<'t> Reader<'t> {
                 return Ok(node.clone());
             }
             Event::Scalar(text, style, anchor, tag) => {
-                let plain = match tag.as_deref() {
-                    Some(tag) if tag.is_yaml_core_schema() => tag.suffix != "str",
-                    _ => style == ScalarStyle::Plain,
+                let plain = match tag {
+                    Some(tag) => tag.suffix != "str", // a core tag: others are refused above
+                    None => style == ScalarStyle::Plain,
                 };
-                if matches!(style, ScalarStyle::Literal | ScalarStyle::Folded) {
-                    line = self.header_line(span);
-                }
                 let text = text.into_owned();
-                (anchor, tag, Node::Scalar { text, plain })
+                (anchor, Node::Scalar { text, plain })
             }
-            Event::SequenceStart(anchor, tag) => {
+            Event::SequenceStart(anchor, _) => {
                 let mut items = Vec::new();
                 while let Some(item) = self.child(depth)? {
                     items.push(item);
                 }
-                (anchor, tag, Node::List(items))
+                (anchor, Node::List(items))
             }
-            Event::MappingStart(anchor, tag) => {
+            Event::MappingStart(anchor, _) => {
                 let mut entries = Vec::new();
                 while let Some(key) = self.child(depth)? {
                     let (event, span) = self.next()?;
                     entries.push((key, self.node(event, span, depth + 1)?));
                 }
-                (anchor, tag, Node::Map(entries))
+                (anchor, Node::Map(entries))
             }
             _ => return Err(refused(Some(line), "unexpected YAML event")),
         };
-        let tag = tag.filter(|tag| !tag.is_yaml_core_schema());
-        let tag = tag.map(|tag| Tag::to_string(&tag));
-        let yaml = Yaml { line, node, tag };
+        let yaml = Yaml { line, node };
         self.nodes += 1;
         if anchor > 0 {
             self.anchors
@@ -254,25 +257,6 @@ impl<'t> Reader<'t> {
             (Event::SequenceEnd | Event::MappingEnd, _) => Ok(None),
             (event, span) => self.node(event, span, depth + 1).map(Some),
         }
-    }
-
-    /// The line of a block scalar's `|` or `>` header: the span starts at its content, and
-    /// serde_yaml placed the scalar at the header, the last line above with anything on it.
-    fn header_line(&mut self, span: Span) -> usize {
-        if self.lines.is_empty() {
-            self.lines = self.text.split('\n').collect();
-        }
-        let text = |line: usize| self.lines.get(line - 1).copied().unwrap_or("");
-        let blank = |line: usize| text(line).chars().all(char::is_whitespace);
-        let line = span.start.line();
-        if text(line)
-            .chars()
-            .take(span.start.col())
-            .any(|c| !c.is_whitespace())
-        {
-            return line;
-        }
-        (1..line).rev().find(|&above| !blank(above)).unwrap_or(1)
     }
 }
 
