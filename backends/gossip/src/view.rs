@@ -237,6 +237,9 @@ struct PeerCount {
     entry: CountEntry,
     /// Its rate on the key (hits/s), smoothed over publications.
     rate: f32,
+    /// The window whose hits the rate was last measured on: a rate carried over a window
+    /// boundary is replaced faster (see [`carried_rate_weight`]).
+    measured_in: u32,
     /// When this node received it (its own clock, ms since the epoch, 64 bits): staleness is
     /// judged by the receiver's clock, whatever the peer's clock says and however long ago.
     received_millis: u64,
@@ -263,6 +266,22 @@ pub struct Refused {
     pub key_cap: u64,
     /// Publications of a node beyond [`MAX_PEER_NODES`].
     pub node_cap: u64,
+}
+
+/// The weight the rate carried over from the previous window keeps against the first rate
+/// measured in the new one, from `hits` counted over that first interval.
+///
+/// Within a window each publication's rate is averaged half and half with the previous one.
+/// Across a boundary that lags: where the last window reached its limit, the carried rate is
+/// what the peer admitted while refusing (about nothing), and rebuilt by halves it was still
+/// 6 % short when a limit of 1,000 per second on 9 nodes at 2× filled, half a second into the
+/// window; extrapolated over a gossip round that is about 10 hits the peers made unseen, the
+/// 1 % the cluster overshot. The carried rate now counts as one hit against the `hits` the new
+/// interval measured: many hits (high rates) replace it almost at once, while one hit or none
+/// (a few per second, a republication) keeps the half-and-half average, as single hits are too
+/// noisy to trust alone.
+fn carried_rate_weight(hits: u32) -> f32 {
+    (1.0 / (1.0 + hits as f32)).min(0.5)
 }
 
 /// The writer side: every peer's publications, folded into the [`PeerView`].
@@ -382,7 +401,14 @@ impl PeerTracker {
                     };
                     let instant =
                         entry.count.saturating_sub(last.count) as f32 * 1000.0 / gap.max(1) as f32;
-                    record.rate = 0.5 * record.rate + 0.5 * instant;
+                    let hits = entry.count.saturating_sub(last.count);
+                    let kept = if record.measured_in == entry.window {
+                        0.5
+                    } else {
+                        carried_rate_weight(hits)
+                    };
+                    record.rate = kept * record.rate + (1.0 - kept) * instant;
+                    record.measured_in = entry.window;
                 }
                 // A new window keeps the rate: traffic does not stop at a boundary.
                 record.entry = entry;
@@ -406,6 +432,7 @@ impl PeerTracker {
                     node,
                     entry,
                     rate: entry.count as f32 * 1000.0 / into_window,
+                    measured_in: entry.window,
                     received_millis,
                 });
                 if let Some(held) = self.node_keys.get_mut(&node) {
@@ -591,6 +618,60 @@ mod tests {
         tracker.tick(&view, last.plus(ms(600)));
         let stale = view.estimate(1, w, millis_tag(last.plus(ms(600))), 300);
         assert_eq!((stale.published, stale.extrapolated), (400, 0));
+    }
+
+    /// A per-second entry of `count` published at `at`.
+    fn second_entry(count: u32, at: UnixTime) -> CountEntry {
+        CountEntry {
+            unit: Unit::Second,
+            window: window_tag(at, Unit::Second),
+            count,
+            at_millis: millis_tag(at),
+        }
+    }
+
+    #[test]
+    fn a_rate_carried_over_a_window_boundary_gives_way_to_the_first_measured_one() {
+        let view = PeerView::default();
+        let mut tracker = PeerTracker::new(500);
+        let a = tracker.node_index("a/1").unwrap();
+        // A window that filled: the peer reached 500, then refused and republished unchanged,
+        // so its rate fell to a few hits per second.
+        let start = UnixTime::from_secs(1_700_000_000);
+        let mut publish = |count, at: UnixTime| {
+            tracker.apply(&view, a, 1, second_entry(count, at), at);
+            view.flush();
+        };
+        publish(400, start.plus(ms(400)));
+        publish(500, start.plus(ms(500)));
+        for i in 6..10 {
+            publish(500, start.plus(ms(100 * i)));
+        }
+        let next = start.plus(ms(1_000));
+        let w = window_tag(next, Unit::Second);
+        // The new window: 20 hits in its first 100 ms, 22 in the next 100 ms (220/s).
+        publish(20, next.plus(ms(100)));
+        let carried = view.estimate(1, w, millis_tag(next.plus(ms(100))), 300);
+        assert!(carried.peer_rate < 100.0, "{carried:?}");
+        publish(42, next.plus(ms(200)));
+        let measured = view.estimate(1, w, millis_tag(next.plus(ms(200))), 300);
+        assert!(
+            (200.0..=225.0).contains(&measured.peer_rate),
+            "22 hits replace the carried rate almost whole: {measured:?} (was {carried:?})"
+        );
+        // One hit, the next round, is averaged half and half as within any window.
+        publish(43, next.plus(ms(300)));
+        let single = view.estimate(1, w, millis_tag(next.plus(ms(300))), 300);
+        let half = 0.5 * measured.peer_rate + 0.5 * 10.0;
+        assert!((single.peer_rate - half).abs() < 1.0, "{single:?}");
+    }
+
+    #[test]
+    fn carried_rates_keep_half_their_weight_against_one_hit_and_little_against_many() {
+        assert_eq!(carried_rate_weight(0), 0.5);
+        assert_eq!(carried_rate_weight(1), 0.5);
+        assert!((carried_rate_weight(3) - 0.25).abs() < 1e-6);
+        assert!(carried_rate_weight(99) <= 0.01);
     }
 
     #[test]
