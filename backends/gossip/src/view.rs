@@ -410,7 +410,8 @@ impl PeerTracker {
                     record.rate = kept * record.rate + (1.0 - kept) * instant;
                     record.measured_in = entry.window;
                 }
-                // A new window keeps the rate: traffic does not stop at a boundary.
+                // A new window keeps the rate (traffic does not stop at a boundary) until the first
+                // interval measured in it, see `carried_rate_weight`.
                 record.entry = entry;
                 record.received_millis = received_millis;
             }
