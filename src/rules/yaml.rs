@@ -6,7 +6,8 @@
 //! their style so that a plain `~` is null and a quoted `'~'` is text. Aliases are replaced by a
 //! copy of their anchor's node, lines included (so an error inside an alias is reported where
 //! the anchored node is written, as serde_yaml and yaml.v2 do). A syntax error is reported with
-//! the message and line serde_yaml (libyaml) gives for it, as before.
+//! saphyr-parser's message and line, which follow libyaml's (`while parsing a block collection,
+//! did not find expected '-' indicator`, at the line libyaml names).
 //!
 //! Unlike serde_yaml, a tag outside the core schema (`!foo`) is refused at its node's line (`YAML
 //! tag '!foo' is not supported in rules files`; serde_yaml read it as an enum, refused as `invalid
@@ -84,56 +85,29 @@ const MAX_DEPTH: usize = 128;
 /// text read again.
 pub(crate) fn parse(text: &str) -> Result<Yaml, Invalid> {
     let mut patched = Cow::Borrowed(text);
-    for _ in 0..10_000 {
-        let at = match Reader::new(&patched, text).document() {
+    let mut tries = 0;
+    loop {
+        let mut reader = Reader::new(&patched);
+        let error = match reader.document() {
             Ok(root) => return Ok(root),
-            Err(Fault::Invalid(invalid)) => return Err(invalid),
-            Err(Fault::TabAfterColon(at)) => at,
+            Err(error) => error,
         };
-        // The error points at the tab or just past it.
-        let mut near = patched.char_indices().skip(at.saturating_sub(1)).take(2);
-        let Some((tab, _)) = near.find(|&(_, c)| c == '\t') else {
-            break;
-        };
-        patched.to_mut().replace_range(tab..=tab, " ");
+        match reader.tab_after_colon {
+            Some(tab) if tries < 10_000 => patched.to_mut().replace_range(tab..=tab, " "),
+            _ => return Err(error),
+        }
+        tries += 1;
     }
-    Err(libyaml_error(text))
-}
-
-/// Why a text could not be read.
-enum Fault {
-    /// A tab right after `:`, at this character index.
-    TabAfterColon(usize),
-    /// Anything else.
-    Invalid(Invalid),
-}
-
-fn refused(line: Option<usize>, message: impl Into<String>) -> Fault {
-    Fault::Invalid(Invalid::new(line, message))
-}
-
-/// serde_yaml's message and line for a text that does not parse ("invalid YAML" if it does):
-/// libyaml's wording, which this reader's users saw before it.
-fn libyaml_error(text: &str) -> Invalid {
-    let Err(error) = serde_yaml::from_str::<serde::de::IgnoredAny>(text) else {
-        return Invalid::new(None, "invalid YAML");
-    };
-    let message = error.to_string();
-    let Some(at) = error.location() else {
-        return Invalid::new(None, message);
-    };
-    // The line is reported apart: drop libyaml's position from the message.
-    let suffix = format!(" at line {} column {}", at.line(), at.column());
-    let message = message.strip_suffix(&suffix).unwrap_or(&message);
-    Invalid::new(Some(at.line()), message)
 }
 
 /// Assembles the parser's events into [`Yaml`] nodes.
 struct Reader<'t> {
     /// The events of `text`.
     parser: Parser<'t, StrInput<'t>>,
-    /// The text as given, for libyaml's message when the parser refuses it.
-    source: &'t str,
+    /// The text, to find a tab the parser refused.
+    text: &'t str,
+    /// The byte offset of a tab right after `:` the parser refused, if it did.
+    tab_after_colon: Option<usize>,
     /// Anchor id → the anchored node and how many nodes it is.
     anchors: HashMap<usize, (Yaml, usize)>,
     /// Nodes made so far, alias copies included: how big an anchored node is.
@@ -143,28 +117,38 @@ struct Reader<'t> {
 }
 
 impl<'t> Reader<'t> {
-    fn new(text: &'t str, source: &'t str) -> Self {
+    fn new(text: &'t str) -> Self {
         Reader {
             parser: Parser::new_from_str(text),
-            source,
+            text,
+            tab_after_colon: None,
             anchors: HashMap::new(),
             nodes: 0,
             copied: 0,
         }
     }
 
-    fn next(&mut self) -> Result<(Event<'t>, Span), Fault> {
+    fn next(&mut self) -> Result<(Event<'t>, Span), Invalid> {
         match self.parser.next_event() {
             Some(Ok(event)) => Ok(event),
-            Some(Err(err)) if err.info().starts_with("':' must be followed by") => {
-                Err(Fault::TabAfterColon(err.marker().index()))
+            Some(Err(err)) => {
+                if err.info().starts_with("':' must be followed by") {
+                    // The error points at the tab (a character index) or just past it.
+                    let at = err.marker().index().saturating_sub(1);
+                    let mut near = self.text.char_indices().skip(at).take(2);
+                    self.tab_after_colon = near.find(|&(_, c)| c == '\t').map(|(tab, _)| tab);
+                }
+                let message = match err.info() {
+                    "while parsing node, found unknown anchor" => "unknown anchor", // libyaml's
+                    info => info,
+                };
+                Err(Invalid::new(Some(err.marker().line()), message))
             }
-            Some(Err(_)) => Err(Fault::Invalid(libyaml_error(self.source))),
             None => Ok((Event::StreamEnd, Span::default())),
         }
     }
 
-    fn document(&mut self) -> Result<Yaml, Fault> {
+    fn document(&mut self) -> Result<Yaml, Invalid> {
         let mut root = None;
         loop {
             match self.next()? {
@@ -177,22 +161,27 @@ impl<'t> Reader<'t> {
                 (Event::DocumentStart(_), _) if root.is_some() => {
                     let message = "deserializing from YAML containing more than one document \
                                    is not supported";
-                    return Err(refused(None, message));
+                    return Err(Invalid::new(None, message));
                 }
                 (Event::DocumentStart(_), _) => {
                     let (event, span) = self.next()?;
                     root = Some(self.node(event, span, 0)?);
                 }
                 (Event::Nothing | Event::StreamStart | Event::DocumentEnd, _) => {}
-                (_, span) => return Err(refused(Some(span.start.line()), "unexpected YAML event")),
+                (_, span) => {
+                    return Err(Invalid::new(
+                        Some(span.start.line()),
+                        "unexpected YAML event",
+                    ))
+                }
             }
         }
     }
 
-    fn node(&mut self, event: Event<'t>, span: Span, depth: usize) -> Result<Yaml, Fault> {
+    fn node(&mut self, event: Event<'t>, span: Span, depth: usize) -> Result<Yaml, Invalid> {
         let line = span.start.line();
         if depth > MAX_DEPTH {
-            return Err(refused(Some(line), "recursion limit exceeded"));
+            return Err(Invalid::new(Some(line), "recursion limit exceeded"));
         }
         // Refused before a collection's content is read: the tag is the first problem.
         if let Event::Scalar(.., Some(tag))
@@ -201,19 +190,19 @@ impl<'t> Reader<'t> {
         {
             if !tag.is_yaml_core_schema() {
                 let message = format!("YAML tag '{tag}' is not supported in rules files");
-                return Err(refused(Some(line), message));
+                return Err(Invalid::new(Some(line), message));
             }
         }
         let first = self.nodes;
         let (anchor, node) = match event {
             Event::Alias(id) => {
                 let Some((node, count)) = self.anchors.get(&id) else {
-                    return Err(refused(Some(line), "unknown anchor"));
+                    return Err(Invalid::new(Some(line), "unknown anchor"));
                 };
                 self.nodes += count;
                 self.copied += count;
                 if self.copied > ALIAS_BUDGET {
-                    return Err(refused(Some(line), "repetition limit exceeded"));
+                    return Err(Invalid::new(Some(line), "repetition limit exceeded"));
                 }
                 return Ok(node.clone());
             }
@@ -240,7 +229,7 @@ impl<'t> Reader<'t> {
                 }
                 (anchor, Node::Map(entries))
             }
-            _ => return Err(refused(Some(line), "unexpected YAML event")),
+            _ => return Err(Invalid::new(Some(line), "unexpected YAML event")),
         };
         let yaml = Yaml { line, node };
         self.nodes += 1;
@@ -252,7 +241,7 @@ impl<'t> Reader<'t> {
     }
 
     /// The next item (or key) of a collection at `depth`, or `None` at the collection's end.
-    fn child(&mut self, depth: usize) -> Result<Option<Yaml>, Fault> {
+    fn child(&mut self, depth: usize) -> Result<Option<Yaml>, Invalid> {
         match self.next()? {
             (Event::SequenceEnd | Event::MappingEnd, _) => Ok(None),
             (event, span) => self.node(event, span, depth + 1).map(Some),
@@ -409,6 +398,23 @@ mod tests {
         );
         assert_eq!(b[1].0.line, 3);
         assert_eq!(entries[2].1.scalar(), Some(Scalar::Text("~")));
+    }
+
+    #[test]
+    fn a_tab_after_a_colon_separates_like_a_space() {
+        let root = parse("a:\tx\nb: {c:\t1, d: 'q:\tr'}\n").unwrap();
+        let Node::Map(entries) = &root.node else {
+            panic!("{root:?}")
+        };
+        assert_eq!(entries[0].1.scalar(), Some(Scalar::Text("x")));
+        let inner = entries[1].1.map().unwrap();
+        assert_eq!(inner[0].1.scalar(), Some(Scalar::Unsigned(1)));
+        assert_eq!(
+            inner[1].1.scalar(),
+            Some(Scalar::Text("q:\tr")),
+            "quoted text as written"
+        );
+        assert_eq!(inner[1].0.line, 2);
     }
 
     #[test]
