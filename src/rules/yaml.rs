@@ -100,6 +100,11 @@ pub(crate) fn parse(text: &str) -> Result<Yaml, Invalid> {
     }
 }
 
+/// A problem at `line`.
+fn refused<T>(line: usize, message: impl Into<String>) -> Result<T, Invalid> {
+    Err(Invalid::new(Some(line), message))
+}
+
 /// Assembles the parser's events into [`Yaml`] nodes.
 struct Reader<'t> {
     /// The events of `text`.
@@ -142,7 +147,7 @@ impl<'t> Reader<'t> {
                     "while parsing node, found unknown anchor" => "unknown anchor", // libyaml's
                     info => info,
                 };
-                Err(Invalid::new(Some(err.marker().line()), message))
+                refused(err.marker().line(), message)
             }
             None => Ok((Event::StreamEnd, Span::default())),
         }
@@ -168,12 +173,7 @@ impl<'t> Reader<'t> {
                     root = Some(self.node(event, span, 0)?);
                 }
                 (Event::Nothing | Event::StreamStart | Event::DocumentEnd, _) => {}
-                (_, span) => {
-                    return Err(Invalid::new(
-                        Some(span.start.line()),
-                        "unexpected YAML event",
-                    ))
-                }
+                (_, span) => return refused(span.start.line(), "unexpected YAML event"),
             }
         }
     }
@@ -181,7 +181,7 @@ impl<'t> Reader<'t> {
     fn node(&mut self, event: Event<'t>, span: Span, depth: usize) -> Result<Yaml, Invalid> {
         let line = span.start.line();
         if depth > MAX_DEPTH {
-            return Err(Invalid::new(Some(line), "recursion limit exceeded"));
+            return refused(line, "recursion limit exceeded");
         }
         // Refused before a collection's content is read: the tag is the first problem.
         if let Event::Scalar(.., Some(tag))
@@ -190,19 +190,19 @@ impl<'t> Reader<'t> {
         {
             if !tag.is_yaml_core_schema() {
                 let message = format!("YAML tag '{tag}' is not supported in rules files");
-                return Err(Invalid::new(Some(line), message));
+                return refused(line, message);
             }
         }
         let first = self.nodes;
         let (anchor, node) = match event {
             Event::Alias(id) => {
                 let Some((node, count)) = self.anchors.get(&id) else {
-                    return Err(Invalid::new(Some(line), "unknown anchor"));
+                    return refused(line, "unknown anchor");
                 };
                 self.nodes += count;
                 self.copied += count;
                 if self.copied > ALIAS_BUDGET {
-                    return Err(Invalid::new(Some(line), "repetition limit exceeded"));
+                    return refused(line, "repetition limit exceeded");
                 }
                 return Ok(node.clone());
             }
@@ -229,7 +229,7 @@ impl<'t> Reader<'t> {
                 }
                 (anchor, Node::Map(entries))
             }
-            _ => return Err(Invalid::new(Some(line), "unexpected YAML event")),
+            _ => return refused(line, "unexpected YAML event"),
         };
         let yaml = Yaml { line, node };
         self.nodes += 1;
