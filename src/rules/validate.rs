@@ -1,18 +1,18 @@
 //! The validation pass: a parsed [`Yaml`] tree → a domain's descriptor tree, checked the way
 //! envoyproxy/ratelimit checks it, failing on the first problem with its line.
 //!
-//! One recursive walk, in document order. Each map section (the file, a descriptor, a
-//! rate_limit, a replaces entry) is described by a table of its keys, each with the [`Slot`] its
-//! value is read into, and read by one [`Section`] reader: unknown and repeated keys are refused
-//! at the key, a bad value at the value, and what needs the whole section (a missing key, a unit
-//! with `unlimited`, a duplicate descriptor) at the section's first line. Upstream compatibility:
-//! YAML 1.1 booleans (`yes`, `on`, ...) are accepted as yaml.v2 does; `<<` merge keys work in
-//! descriptors and rate_limits (explicit keys win, then earlier sources); strings are taken as
-//! written (`1.10`, `010`); an empty `value` or `name` counts as absent; `requests_per_unit`
-//! absent or null is 0. A list or map where a string belongs keeps serde_yaml's wording without
-//! its path (`invalid type: sequence, expected a string`, not `descriptors[0].key: invalid ...`);
-//! an integer beyond 64 bits is named as written (`found 99999999999999999999`), and metadata
-//! keeps it as its text, a JSON string (a JSON number cannot hold it exactly).
+//! One recursive walk. Each map section (the file, a descriptor, a rate_limit, a replaces entry)
+//! is a [`Section`]: its keys are checked first (unknown and repeated keys are refused at the
+//! key), then each key's value is read by [`field`] (a bad value is refused at the value), then
+//! what needs the whole section (a missing key, a unit with `unlimited`, a duplicate descriptor)
+//! is checked at the section's first line. Upstream compatibility: YAML 1.1 booleans (`yes`,
+//! `on`, ...) are accepted as yaml.v2 does; `<<` merge keys work in descriptors and rate_limits
+//! (explicit keys win, then earlier sources); strings are taken as written (`1.10`, `010`); an
+//! empty `value` or `name` counts as absent; `requests_per_unit` absent or null is 0. A list or
+//! map where a string belongs keeps serde_yaml's wording without its path (`invalid type:
+//! sequence, expected a string`, not `descriptors[0].key: invalid ...`); an integer beyond 64
+//! bits is named as written (`found 99999999999999999999`), and metadata keeps it as its text, a
+//! JSON string (a JSON number cannot hold it exactly).
 
 use std::collections::HashSet;
 
@@ -48,55 +48,92 @@ pub(crate) fn document(root: &Yaml) -> Result<Document> {
     let Some(map) = collection(root, not_a_map, Yaml::map)? else {
         return invalid(root, "missing domain (the file has no YAML document)");
     };
-    let mut domain = Slot::new(|value, _| non_empty(value, "domain is empty"));
-    let mut descriptors = Slot::new(list);
-    Section {
-        name: "the rules file",
-        merges: false,
-        fields: &mut [("domain", &mut domain), ("descriptors", &mut descriptors)],
-    }
-    .read(map)?;
-    let Some(domain) = domain.get() else {
+    FILE.check(map)?;
+    let domain = field(map, "domain", |value, _| {
+        string(value, Some("domain is empty"))
+    })?;
+    let descriptors = field(map, "descriptors", list)?;
+    let Some(domain) = domain else {
         return invalid(root, "missing domain");
     };
-    // Read above: the keys are strings, each at most once.
+    // Checked above: the keys are strings, each at most once.
     let domain_key = map
         .iter()
         .find(|(key, _)| key.scalar() == Some(Scalar::Text("domain")));
     Ok(Document {
         domain,
         domain_line: domain_key.map_or(0, |(key, _)| key.line),
-        root: descriptors.or_default(),
+        root: descriptors.unwrap_or_default(),
     })
 }
 
-/// A map section (the file, a descriptor, a rate_limit, a replaces entry) as data: what
-/// messages call it, whether `<<` may merge other maps into it, and its keys with the [`Slot`]
-/// each value is read into, in the order messages list them.
-struct Section<'a> {
+/// A map section as data: what messages call it, its keys in the order messages list them, and
+/// whether `<<` may merge other maps into it.
+struct Section {
     name: &'static str,
+    keys: &'static [&'static str],
     merges: bool,
-    fields: &'a mut [(&'static str, &'a mut dyn Offer)],
 }
 
-impl Section<'_> {
-    /// Reads `map` into the fields, key by key in file order, with its `<<` sources where the
-    /// `<<` is.
-    fn read(mut self, map: &Entries) -> Result<()> {
-        self.map(map, 0, &mut 0)
-    }
+const FILE: Section = Section {
+    name: "the rules file",
+    keys: &["domain", "descriptors"],
+    merges: false,
+};
 
-    /// Reads one map of the section, of rank `rank`; each `<<` source (a map, or a list of
-    /// maps) gets the next rank (`last` counts them), so the ranks follow the sources in
-    /// pre-order (see [`Slot`]).
-    fn map(&mut self, map: &Entries, rank: usize, last: &mut usize) -> Result<()> {
+const DESCRIPTOR: Section = Section {
+    name: "descriptor",
+    keys: &[
+        "key",
+        "value",
+        "rate_limit",
+        "descriptors",
+        "shadow_mode",
+        "quota_mode",
+        "detailed_metric",
+        "value_to_metric",
+        "share_threshold",
+        "metadata",
+    ],
+    merges: true,
+};
+
+const RATE_LIMIT: Section = Section {
+    name: "rate_limit",
+    keys: &["unit", "requests_per_unit", "name", "replaces", "unlimited"],
+    merges: true,
+};
+
+const REPLACES_ENTRY: Section = Section {
+    name: "replaces entry",
+    keys: &["name"],
+    merges: false,
+};
+
+impl Section {
+    /// Checks the keys of `map`, and of each map it merges with `<<`, in file order: each a
+    /// string key of the section, at most once in one map; `<<` (where the section merges) a
+    /// map or a list of maps.
+    fn check(&self, map: &Entries) -> Result<()> {
         const NOT_MERGEABLE: &str = "'<<' must merge a map or a list of maps";
-        // A bit per field, and the last for `<<`.
+        // A bit per key, and the last for `<<`.
         let mut seen = 0u32;
         for (key, value) in map {
-            let i = self.key(key, &mut seen)?;
-            if let Some((name, slot)) = self.fields.get_mut(i) {
-                slot.offer(value, rank, name)?;
+            let Some(Scalar::Text(text)) = key.scalar() else {
+                return invalid(key, format!("key is not a string: {}", key.found()));
+            };
+            let (name, keys) = (self.name, self.keys);
+            let merge = (self.merges && text == "<<").then_some(keys.len());
+            let Some(i) = keys.iter().position(|k| *k == text).or(merge) else {
+                let expected = keys.join(", ");
+                let message = format!("unknown key '{text}' in {name} (expected {expected})");
+                return invalid(key, message);
+            };
+            if seen & (1 << i) != 0 {
+                return invalid(key, format!("key '{text}' appears twice in one {name}"));
+            }
+            seen |= 1 << i;
+            if i < keys.len() {
                 continue;
             }
             // One map is merged as a list of one.
@@ -110,79 +147,38 @@ impl Section<'_> {
                     let message = format!("{NOT_MERGEABLE}, found {} in the list", source.found());
                     return invalid(source, message);
                 };
-                *last += 1;
-                self.map(source, *last, last)?;
+                self.check(source)?;
             }
         }
         Ok(())
     }
+}
 
-    /// The index of `key` in the fields (the fields' count for `<<`): a string key of the
-    /// section, not `seen` before in the same map.
-    fn key(&self, key: &Yaml, seen: &mut u32) -> Result<usize> {
-        let Some(Scalar::Text(text)) = key.scalar() else {
-            return invalid(key, format!("key is not a string: {}", key.found()));
-        };
-        let (name, keys) = (self.name, self.fields.iter().map(|field| field.0));
-        let merge = (self.merges && text == "<<").then_some(self.fields.len());
-        let Some(i) = keys.clone().position(|k| k == text).or(merge) else {
-            let expected = keys.collect::<Vec<_>>().join(", ");
-            let message = format!("unknown key '{text}' in {name} (expected {expected})");
-            return invalid(key, message);
-        };
-        if *seen & (1 << i) != 0 {
-            return invalid(key, format!("key '{text}' appears twice in one {name}"));
+/// The value of `key` in a section's `map` (its keys checked), validated by `read`: the map's
+/// own value, else that of the first map it merges with `<<` (in order, each with its own
+/// sources) that has one; so explicit keys win, then earlier sources. A value read as absent
+/// (`None`: a null or empty string) leaves the key to the next map; flags, counts and lists are
+/// never absent, their null is false, 0, empty. Every value written is read, in file order, so
+/// a bad one is refused even where another wins.
+fn field<T>(
+    map: &Entries,
+    key: &str,
+    read: impl Fn(&Yaml, &str) -> Result<Option<T>> + Copy,
+) -> Result<Option<T>> {
+    let (mut own, mut merged) = (None, None);
+    for (name, value) in map {
+        match name.scalar() {
+            Some(Scalar::Text(name)) if name == key => own = read(value, key)?,
+            Some(Scalar::Text("<<")) => {
+                let sources = value.list().unwrap_or(std::slice::from_ref(value));
+                for source in sources.iter().filter_map(Yaml::map) {
+                    merged = merged.or(field(source, key, read)?);
+                }
+            }
+            _ => {}
         }
-        *seen |= 1 << i;
-        Ok(i)
     }
-}
-
-/// What a [`Section`] table holds for each key: a [`Slot`] of some type.
-trait Offer {
-    /// Validates `value`, written under `key` in a map of this `rank`, and keeps it if it wins.
-    fn offer(&mut self, value: &Yaml, rank: usize, key: &str) -> Result<()>;
-}
-
-/// A field of a [`Section`]: how to read its value, and the value kept so far with the rank of
-/// the map it came from. The lowest rank wins: the section's own map is 0 and its `<<` sources
-/// count up in pre-order, so an explicit key beats merged ones, then an earlier source (with its
-/// own sources) a later one. A value read as absent (`None`: a null or empty string) leaves the
-/// field to other maps; flags, counts and lists are never absent, their null is false, 0, empty.
-struct Slot<T> {
-    /// Validates a value where it is written, given the key it is written under.
-    read: fn(&Yaml, &str) -> Result<Option<T>>,
-    /// The winning value so far and its rank.
-    kept: Option<(usize, T)>,
-}
-
-impl<T> Slot<T> {
-    fn new(read: fn(&Yaml, &str) -> Result<Option<T>>) -> Self {
-        Slot { read, kept: None }
-    }
-
-    fn get(self) -> Option<T> {
-        self.kept.map(|(_, value)| value)
-    }
-
-    /// The value, or the field's default (false, 0, empty) when no map gave one.
-    fn or_default(self) -> T
-    where
-        T: Default,
-    {
-        self.get().unwrap_or_default()
-    }
-}
-
-impl<T> Offer for Slot<T> {
-    fn offer(&mut self, value: &Yaml, rank: usize, key: &str) -> Result<()> {
-        let value = (self.read)(value, key)?;
-        let lower = self.kept.as_ref().is_none_or(|(kept, _)| rank < *kept);
-        if let Some(value) = value.filter(|_| lower) {
-            self.kept = Some((rank, value));
-        }
-        Ok(())
-    }
+    Ok(own.or(merged))
 }
 
 /// A value that must be a map or a list (`shape` picks which, e.g. [`Yaml::map`]) or null
@@ -199,28 +195,17 @@ fn collection<'y, T: ?Sized>(
     }
 }
 
-/// A string field, as written; null is `None`.
-fn string(value: &Yaml) -> Result<Option<String>> {
+/// A string field, as written; null is `None`, and so is an empty string unless `empty` says why
+/// it may not be (`domain`, a descriptor's `key`, a replaces `name`).
+fn string(value: &Yaml, empty: Option<&str>) -> Result<Option<String>> {
     let wrong_type = |found| invalid(value, format!("invalid type: {found}, expected a string"));
-    match &value.node {
+    match (&value.node, empty) {
         _ if value.is_null() => Ok(None),
-        Shape::Scalar { text, .. } => Ok(Some(text.to_string())),
-        Shape::List(_) => wrong_type("sequence"),
-        Shape::Map(_) => wrong_type("map"),
-    }
-}
-
-/// A string field where empty counts as absent (`value`, `name`, `unit`).
-fn optional(value: &Yaml) -> Result<Option<String>> {
-    Ok(string(value)?.filter(|text| !text.is_empty()))
-}
-
-/// A string field that must not be empty (`domain`, a descriptor's `key`, a replaces `name`):
-/// `empty` is the message if it is.
-fn non_empty(value: &Yaml, empty: &str) -> Result<Option<String>> {
-    match string(value)? {
-        Some(text) if text.is_empty() => invalid(value, empty),
-        text => Ok(text),
+        (Shape::Scalar { text, .. }, Some(empty)) if text.is_empty() => invalid(value, empty),
+        (Shape::Scalar { text, .. }, None) if text.is_empty() => Ok(None),
+        (Shape::Scalar { text, .. }, _) => Ok(Some(text.to_string())),
+        (Shape::List(_), _) => wrong_type("sequence"),
+        (Shape::Map(_), _) => wrong_type("map"),
     }
 }
 
@@ -234,16 +219,12 @@ const FALSE: [&str; 11] = [
 
 /// A boolean flag, spelled as in [`TRUE`] and [`FALSE`]; null is false.
 fn flag(value: &Yaml, key: &str) -> Result<Option<bool>> {
-    let on = match value.scalar() {
-        Some(Scalar::Null) => Some(false),
-        Some(Scalar::Bool(on)) => Some(on),
-        Some(Scalar::Text(text)) if TRUE.contains(&text) => Some(true),
-        Some(Scalar::Text(text)) if FALSE.contains(&text) => Some(false),
-        _ => None,
-    };
-    match on {
-        Some(on) => Ok(Some(on)),
-        None => wrong(value, &format!("'{key}' must be true or false")),
+    match value.scalar() {
+        Some(Scalar::Null) => Ok(Some(false)),
+        Some(Scalar::Bool(on)) => Ok(Some(on)),
+        Some(Scalar::Text(text)) if TRUE.contains(&text) => Ok(Some(true)),
+        Some(Scalar::Text(text)) if FALSE.contains(&text) => Ok(Some(false)),
+        _ => wrong(value, &format!("'{key}' must be true or false")),
     }
 }
 
@@ -255,9 +236,8 @@ fn count(value: &Yaml, _: &str) -> Result<Option<u32>> {
         Some(Scalar::Null) => Some(0),
         Some(Scalar::Unsigned(n)) => u32::try_from(n).ok(),
         Some(Scalar::Signed(n)) => u32::try_from(n).ok(),
-        Some(Scalar::Float(f)) if f.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&f) => {
-            Some(f as u32)
-        }
+        // Saturated, then compared: a fraction or an out-of-range value does not come back.
+        Some(Scalar::Float(f)) => Some(f as u32).filter(|&n| f64::from(n) == f),
         _ => None,
     };
     match n {
@@ -268,16 +248,14 @@ fn count(value: &Yaml, _: &str) -> Result<Option<u32>> {
 
 /// `unit`: one of [`UNITS`]; null or empty is none.
 fn unit(value: &Yaml, _: &str) -> Result<Option<Unit>> {
-    let Some(text) = optional(value)? else {
+    let Some(text) = string(value, None)? else {
         return Ok(None);
     };
-    match Unit::parse(&text) {
-        Some(unit) => Ok(Some(unit)),
-        None => invalid(
-            value,
-            format!("invalid rate limit unit '{text}' (expected {UNITS})"),
-        ),
-    }
+    let Some(unit) = Unit::parse(&text) else {
+        let message = format!("invalid rate limit unit '{text}' (expected {UNITS})");
+        return invalid(value, message);
+    };
+    Ok(Some(unit))
 }
 
 /// `metadata`: any map, kept as JSON; null is none.
@@ -345,69 +323,51 @@ fn descriptor(item: &Yaml) -> Result<Node> {
     let Some(map) = item.map() else {
         return invalid(item, format!("list element is not a map: {}", item.found()));
     };
-    let mut key = Slot::new(|value, _| non_empty(value, "descriptor has empty key"));
-    let mut value = Slot::new(|value, _| optional(value));
-    let mut rate_limit = Slot::new(rate_limit);
-    let mut children = Slot::new(list);
-    let mut shadow_mode = Slot::new(flag);
-    let mut quota_mode = Slot::new(flag);
-    let mut detailed_metric = Slot::new(flag);
-    let mut value_to_metric = Slot::new(flag);
-    let mut share_threshold = Slot::new(flag);
-    let mut metadata = Slot::new(metadata);
-    Section {
-        name: "descriptor",
-        merges: true,
-        fields: &mut [
-            ("key", &mut key),
-            ("value", &mut value),
-            ("rate_limit", &mut rate_limit),
-            ("descriptors", &mut children),
-            ("shadow_mode", &mut shadow_mode),
-            ("quota_mode", &mut quota_mode),
-            ("detailed_metric", &mut detailed_metric),
-            ("value_to_metric", &mut value_to_metric),
-            ("share_threshold", &mut share_threshold),
-            ("metadata", &mut metadata),
-        ],
-    }
-    .read(map)?;
-    let Some(key) = key.get() else {
+    DESCRIPTOR.check(map)?;
+    let key = field(map, "key", |value, _| {
+        string(value, Some("descriptor has empty key"))
+    })?;
+    let value = field(map, "value", |value, _| string(value, None))?;
+    let rate_limit = field(map, "rate_limit", rate_limit)?;
+    let children = field(map, "descriptors", list)?.unwrap_or_default();
+    let shadow_mode = field(map, "shadow_mode", flag)?.unwrap_or_default();
+    let quota_mode = field(map, "quota_mode", flag)?.unwrap_or_default();
+    let detailed_metric = field(map, "detailed_metric", flag)?.unwrap_or_default();
+    let value_to_metric = field(map, "value_to_metric", flag)?.unwrap_or_default();
+    let share_threshold = field(map, "share_threshold", flag)?.unwrap_or_default();
+    let metadata = field(map, "metadata", metadata)?;
+    let Some(key) = key else {
         return invalid(item, "descriptor has no key");
     };
-    let value = value.get();
-    let share_threshold = share_threshold.or_default();
     if share_threshold && !value.as_deref().is_some_and(|v| v.contains('*')) {
         let composite = composite(&key, value.as_deref());
         let message = "share_threshold needs a '*' wildcard in value";
         return invalid(item, format!("{message} (descriptor '{composite}')"));
     }
-    let rule = rate_limit
-        .get()
-        .map(|(limit, unlimited_name, unlimited_replaces)| Rule {
-            limit,
-            shadow_mode: shadow_mode.or_default(),
-            quota_mode: quota_mode.or_default(),
-            detailed_metric: detailed_metric.or_default(),
-            share_threshold,
-            metadata: metadata.get(),
-            stat_name: String::new(),
-            stat_levels: Vec::new(),
-            line: item.line,
-            unlimited_name,
-            unlimited_replaces,
-        });
+    let rule = rate_limit.map(|(limit, unlimited_name, unlimited_replaces)| Rule {
+        limit,
+        shadow_mode,
+        quota_mode,
+        detailed_metric,
+        share_threshold,
+        metadata,
+        stat_name: String::new(),
+        stat_levels: Vec::new(),
+        line: item.line,
+        unlimited_name,
+        unlimited_replaces,
+    });
     let mut node = Node {
         key,
         value,
         share_threshold,
         rule,
-        children: children.or_default(),
+        children,
         line: item.line,
     };
     let level = StatLevel {
         segment: node.composite(),
-        value_to_metric: value_to_metric.or_default(),
+        value_to_metric,
     };
     head_stat_paths(&mut node, &level);
     Ok(node)
@@ -439,33 +399,20 @@ fn rate_limit(value: &Yaml, _: &str) -> Result<Option<Limit>> {
     let Some(map) = collection(value, not_a_map, Yaml::map)? else {
         return Ok(None);
     };
-    let mut unit = Slot::new(unit);
-    let mut requests_per_unit = Slot::new(count);
-    let mut name = Slot::new(|value, _| optional(value));
-    let mut replaces = Slot::new(replaces);
-    let mut unlimited = Slot::new(flag);
-    Section {
-        name: "rate_limit",
-        merges: true,
-        fields: &mut [
-            ("unit", &mut unit),
-            ("requests_per_unit", &mut requests_per_unit),
-            ("name", &mut name),
-            ("replaces", &mut replaces),
-            ("unlimited", &mut unlimited),
-        ],
-    }
-    .read(map)?;
-    let (name, replaces) = (name.get(), replaces.or_default());
+    RATE_LIMIT.check(map)?;
+    let unit = field(map, "unit", unit)?;
+    let requests_per_unit = field(map, "requests_per_unit", count)?.unwrap_or_default();
+    let name = field(map, "name", |value, _| string(value, None))?;
+    let replaces = field(map, "replaces", replaces)?.unwrap_or_default();
+    let unlimited = field(map, "unlimited", flag)?.unwrap_or_default();
     if let Some(name) = name.as_ref().filter(|name| replaces.contains(name)) {
         return invalid(value, format!("rate limit '{name}' replaces itself"));
     }
-    match (unlimited.or_default(), unit.get()) {
+    match (unlimited, unit) {
         (true, Some(_)) => invalid(value, "unlimited rate_limit must not have a unit"),
         (true, None) => Ok(Some((RateLimit::Unlimited, name, replaces))),
         (false, None) => invalid(value, format!("rate_limit has no unit (expected {UNITS})")),
         (false, Some(unit)) => {
-            let requests_per_unit = requests_per_unit.or_default();
             let limit = RateLimit::Limited {
                 requests_per_unit,
                 unit,
@@ -486,15 +433,10 @@ fn replaces(value: &Yaml, _: &str) -> Result<Option<Vec<String>>> {
         let Some(map) = item.map() else {
             return invalid(item, format!("list element is not a map: {}", item.found()));
         };
-        let mut name = Slot::new(|value, _| non_empty(value, "replaces entry has an empty name"));
-        Section {
-            name: "replaces entry",
-            merges: false,
-            fields: &mut [("name", &mut name)],
-        }
-        .read(map)?;
-        let Some(name) = name.get() else {
-            return invalid(item, "replaces entry has an empty name");
+        REPLACES_ENTRY.check(map)?;
+        let empty = "replaces entry has an empty name";
+        let Some(name) = field(map, "name", |value, _| string(value, Some(empty)))? else {
+            return invalid(item, empty);
         };
         names.push(name);
     }
