@@ -52,7 +52,7 @@ pub(crate) fn document(root: &Yaml) -> Result<Document> {
     let domain = field(map, "domain", |value, _| {
         string(value, Some("domain is empty"))
     })?;
-    let descriptors = field(map, "descriptors", list)?;
+    let descriptors = field(map, "descriptors", |value, _| list(value, &[]))?;
     let Some(domain) = domain else {
         return invalid(root, "missing domain");
     };
@@ -302,14 +302,14 @@ fn json(value: &Yaml) -> Result<serde_json::Value> {
     })
 }
 
-/// A `descriptors` list: one level of the tree; null is empty.
-fn list(value: &Yaml, _: &str) -> Result<Option<Level>> {
+/// A `descriptors` list: one level of the tree, below the levels `above`; null is empty.
+fn list(value: &Yaml, above: &[StatLevel]) -> Result<Option<Level>> {
     let not_a_list = "'descriptors' must be a list";
     let items = collection(value, not_a_list, Yaml::list)?.unwrap_or_default();
     let mut siblings = HashSet::with_capacity(items.len());
     let mut nodes = Vec::with_capacity(items.len());
     for item in items {
-        let node = descriptor(item)?;
+        let node = descriptor(item, above)?;
         if !siblings.insert(node.composite()) {
             return invalid(item, format!("duplicate descriptor '{}'", node.composite()));
         }
@@ -318,8 +318,9 @@ fn list(value: &Yaml, _: &str) -> Result<Option<Level>> {
     Ok(Some(Level::new(nodes)))
 }
 
-/// One element of a `descriptors` list, validated as a whole (its siblings are the caller's).
-fn descriptor(item: &Yaml) -> Result<Node> {
+/// One element of a `descriptors` list below the levels `above`, validated as a whole (its
+/// siblings are the caller's).
+fn descriptor(item: &Yaml, above: &[StatLevel]) -> Result<Node> {
     let Some(map) = item.map() else {
         return invalid(item, format!("list element is not a map: {}", item.found()));
     };
@@ -328,22 +329,33 @@ fn descriptor(item: &Yaml) -> Result<Node> {
         string(value, Some("descriptor has empty key"))
     })?;
     let value = field(map, "value", |value, _| string(value, None))?;
-    let rate_limit = field(map, "rate_limit", rate_limit)?;
-    let children = field(map, "descriptors", list)?.unwrap_or_default();
-    let shadow_mode = field(map, "shadow_mode", flag)?.unwrap_or_default();
-    let quota_mode = field(map, "quota_mode", flag)?.unwrap_or_default();
-    let detailed_metric = field(map, "detailed_metric", flag)?.unwrap_or_default();
     let value_to_metric = field(map, "value_to_metric", flag)?.unwrap_or_default();
-    let share_threshold = field(map, "share_threshold", flag)?.unwrap_or_default();
-    let metadata = field(map, "metadata", metadata)?;
     let Some(key) = key else {
         return invalid(item, "descriptor has no key");
     };
+    // The rule's stat path, and its children's, starts with these levels, top level first.
+    let segment = composite(&key, value.as_deref());
+    let path = [
+        above,
+        &[StatLevel {
+            segment,
+            value_to_metric,
+        }],
+    ]
+    .concat();
+    let rate_limit = field(map, "rate_limit", rate_limit)?;
+    let children = field(map, "descriptors", |value, _| list(value, &path))?;
+    let shadow_mode = field(map, "shadow_mode", flag)?.unwrap_or_default();
+    let quota_mode = field(map, "quota_mode", flag)?.unwrap_or_default();
+    let detailed_metric = field(map, "detailed_metric", flag)?.unwrap_or_default();
+    let share_threshold = field(map, "share_threshold", flag)?.unwrap_or_default();
+    let metadata = field(map, "metadata", metadata)?;
     if share_threshold && !value.as_deref().is_some_and(|v| v.contains('*')) {
         let composite = composite(&key, value.as_deref());
         let message = "share_threshold needs a '*' wildcard in value";
         return invalid(item, format!("{message} (descriptor '{composite}')"));
     }
+    let segments = path.iter().map(|level| level.segment.as_str());
     let rule = rate_limit.map(|(limit, unlimited_name, unlimited_replaces)| Rule {
         limit,
         shadow_mode,
@@ -351,43 +363,20 @@ fn descriptor(item: &Yaml) -> Result<Node> {
         detailed_metric,
         share_threshold,
         metadata,
-        stat_name: String::new(),
-        stat_levels: Vec::new(),
+        stat_name: segments.collect::<Vec<_>>().join("."),
+        stat_levels: path.clone(),
         line: item.line,
         unlimited_name,
         unlimited_replaces,
     });
-    let mut node = Node {
+    Ok(Node {
         key,
         value,
         share_threshold,
         rule,
-        children,
+        children: children.unwrap_or_default(),
         line: item.line,
-    };
-    let level = StatLevel {
-        segment: node.composite(),
-        value_to_metric,
-    };
-    head_stat_paths(&mut node, &level);
-    Ok(node)
-}
-
-/// Puts `level` at the top of the stat path (and name) of `node`'s rule and of every rule below
-/// it. A descriptor is done after its children, so its ancestors add their levels in turn as
-/// the walk returns: each rule ends with its whole path, top level first.
-fn head_stat_paths(node: &mut Node, level: &StatLevel) {
-    if let Some(rule) = &mut node.rule {
-        rule.stat_name = if rule.stat_levels.is_empty() {
-            level.segment.clone()
-        } else {
-            format!("{}.{}", level.segment, rule.stat_name)
-        };
-        rule.stat_levels.insert(0, level.clone());
-    }
-    for child in &mut node.children.nodes {
-        head_stat_paths(child, level);
-    }
+    })
 }
 
 /// A validated `rate_limit`: the limit, and the `name` and `replaces` an unlimited one carries.
