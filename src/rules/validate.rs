@@ -20,12 +20,13 @@ use hivemind_core::Unit;
 
 use super::matcher::{composite, Level, Node};
 use super::yaml::{Entries, Invalid, Node as Shape, Scalar, Yaml};
-use super::{RateLimit, Rule, StatLevel};
+use super::{DomainRules, RateLimit, Rule, StatLevel};
 
 type Result<T> = std::result::Result<T, Invalid>;
 
 fn invalid<T>(at: &Yaml, message: impl Into<String>) -> Result<T> {
-    Err(Invalid::new(Some(at.line), message))
+    let (line, message) = (Some(at.line), message.into());
+    Err(Invalid { line, message })
 }
 
 /// `{what}, found {value}`: the message for a value of the wrong kind.
@@ -33,17 +34,11 @@ fn wrong<T>(value: &Yaml, what: &str) -> Result<T> {
     invalid(value, format!("{what}, found {}", value.found()))
 }
 
-/// A validated document: the domain, the line of its `domain` key, its descriptors.
-pub(crate) struct Document {
-    pub(crate) domain: String,
-    pub(crate) domain_line: usize,
-    pub(crate) root: Level,
-}
-
 const UNITS: &str = "second, minute, hour, day, week, month or year";
 
-/// Validates a whole document.
-pub(crate) fn document(root: &Yaml) -> Result<Document> {
+/// Validates a whole document, read from `source`: its domain's rules, and the line of its
+/// `domain` key.
+pub(crate) fn document(root: &Yaml, source: &str) -> Result<(DomainRules, usize)> {
     let not_a_map = "a rules file must be a map with 'domain' and 'descriptors'";
     let Some(map) = collection(root, not_a_map, Yaml::map)? else {
         return invalid(root, "missing domain (the file has no YAML document)");
@@ -60,11 +55,12 @@ pub(crate) fn document(root: &Yaml) -> Result<Document> {
     let domain_key = map
         .iter()
         .find(|(key, _)| key.scalar() == Some(Scalar::Text("domain")));
-    Ok(Document {
-        domain,
-        domain_line: domain_key.map_or(0, |(key, _)| key.line),
+    let rules = DomainRules {
+        name: domain,
+        source: source.to_owned(),
         root: descriptors.unwrap_or_default(),
-    })
+    };
+    Ok((rules, domain_key.map_or(0, |(key, _)| key.line)))
 }
 
 /// A map section as data: what messages call it, its keys in the order messages list them, and
@@ -271,10 +267,7 @@ fn json(value: &Yaml) -> Result<serde_json::Value> {
     use serde_json::Value as Json;
     const KEY_NOT_STRING: &str = "'metadata' cannot be represented as JSON: key must be a string";
     Ok(match (&value.node, value.scalar()) {
-        (Shape::List(items), _) => {
-            let items = items.iter().map(json);
-            Json::Array(items.collect::<Result<_>>()?)
-        }
+        (Shape::List(items), _) => Json::Array(items.iter().map(json).collect::<Result<_>>()?),
         (Shape::Map(entries), _) => {
             let mut map = serde_json::Map::with_capacity(entries.len());
             for (key, item) in entries {

@@ -65,14 +65,6 @@ pub(crate) struct Invalid {
     pub(crate) message: String,
 }
 
-impl Invalid {
-    /// A problem at `line` (or at no place in particular).
-    pub(crate) fn new(line: Option<usize>, message: impl Into<String>) -> Self {
-        let message = message.into();
-        Invalid { line, message }
-    }
-}
-
 /// Aliases may copy at most this many nodes per document ("billion laughs" guard).
 const ALIAS_BUDGET: usize = 1_000_000;
 /// Collections may nest at most this deep (serde_yaml's limit too).
@@ -102,7 +94,8 @@ pub(crate) fn parse(text: &str) -> Result<Yaml, Invalid> {
 
 /// A problem at `line`.
 fn refused<T>(line: usize, message: impl Into<String>) -> Result<T, Invalid> {
-    Err(Invalid::new(Some(line), message))
+    let (line, message) = (Some(line), message.into());
+    Err(Invalid { line, message })
 }
 
 /// Assembles the parser's events into [`Yaml`] nodes.
@@ -166,14 +159,11 @@ impl<'t> Reader<'t> {
                 (Event::DocumentStart(_), _) if root.is_some() => {
                     let message = "deserializing from YAML containing more than one document \
                                    is not supported";
-                    return Err(Invalid::new(None, message));
+                    let (line, message) = (None, message.to_owned());
+                    return Err(Invalid { line, message });
                 }
-                (Event::DocumentStart(_), _) => {
-                    let (event, span) = self.next()?;
-                    root = Some(self.node(event, span, 0)?);
-                }
-                (Event::Nothing | Event::StreamStart | Event::DocumentEnd, _) => {}
-                (_, span) => return refused(span.start.line(), "unexpected YAML event"),
+                (Event::StreamStart | Event::DocumentStart(_) | Event::DocumentEnd, _) => {}
+                (event, span) => root = Some(self.node(event, span, 0)?),
             }
         }
     }
