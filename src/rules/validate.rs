@@ -44,9 +44,8 @@ pub(crate) fn document(root: &Yaml, source: &str) -> Result<(DomainRules, usize)
         return invalid(root, "missing domain (the file has no YAML document)");
     };
     FILE.check(map)?;
-    let domain = field(map, "domain", |value, _| {
-        string(value, Some("domain is empty"))
-    })?;
+    let empty = "domain is empty";
+    let domain = field(map, "domain", |value, _| string(value, Some(empty)))?;
     let descriptors = field(map, "descriptors", |value, _| list(value, &[]))?;
     let Some(domain) = domain else {
         return invalid(root, "missing domain");
@@ -63,46 +62,36 @@ pub(crate) fn document(root: &Yaml, source: &str) -> Result<(DomainRules, usize)
     Ok((rules, domain_key.map_or(0, |(key, _)| key.line)))
 }
 
-/// A map section as data: what messages call it, its keys in the order messages list them, and
-/// whether `<<` may merge other maps into it.
+/// A map section as data: what messages call it, its keys as messages list them, and whether
+/// `<<` may merge other maps into it.
 struct Section {
     name: &'static str,
-    keys: &'static [&'static str],
+    keys: &'static str,
     merges: bool,
 }
 
 const FILE: Section = Section {
     name: "the rules file",
-    keys: &["domain", "descriptors"],
+    keys: "domain, descriptors",
     merges: false,
 };
 
 const DESCRIPTOR: Section = Section {
     name: "descriptor",
-    keys: &[
-        "key",
-        "value",
-        "rate_limit",
-        "descriptors",
-        "shadow_mode",
-        "quota_mode",
-        "detailed_metric",
-        "value_to_metric",
-        "share_threshold",
-        "metadata",
-    ],
+    keys: "key, value, rate_limit, descriptors, shadow_mode, quota_mode, detailed_metric, \
+           value_to_metric, share_threshold, metadata",
     merges: true,
 };
 
 const RATE_LIMIT: Section = Section {
     name: "rate_limit",
-    keys: &["unit", "requests_per_unit", "name", "replaces", "unlimited"],
+    keys: "unit, requests_per_unit, name, replaces, unlimited",
     merges: true,
 };
 
 const REPLACES_ENTRY: Section = Section {
     name: "replaces entry",
-    keys: &["name"],
+    keys: "name",
     merges: false,
 };
 
@@ -112,24 +101,23 @@ impl Section {
     /// map or a list of maps.
     fn check(&self, map: &Entries) -> Result<()> {
         const NOT_MERGEABLE: &str = "'<<' must merge a map or a list of maps";
-        // A bit per key, and the last for `<<`.
+        // A bit per key, and the one after theirs for `<<`.
         let mut seen = 0u32;
         for (key, value) in map {
             let Some(Scalar::Text(text)) = key.scalar() else {
                 return invalid(key, format!("key is not a string: {}", key.found()));
             };
-            let (name, keys) = (self.name, self.keys);
-            let merge = (self.merges && text == "<<").then_some(keys.len());
-            let Some(i) = keys.iter().position(|k| *k == text).or(merge) else {
-                let expected = keys.join(", ");
-                let message = format!("unknown key '{text}' in {name} (expected {expected})");
+            let (name, mut keys) = (self.name, self.keys.split(", "));
+            let merge = (self.merges && text == "<<").then(|| keys.clone().count());
+            let Some(i) = keys.position(|k| k == text).or(merge) else {
+                let message = format!("unknown key '{text}' in {name} (expected {})", self.keys);
                 return invalid(key, message);
             };
             if seen & (1 << i) != 0 {
                 return invalid(key, format!("key '{text}' appears twice in one {name}"));
             }
             seen |= 1 << i;
-            if i < keys.len() {
+            if merge != Some(i) {
                 continue;
             }
             // One map is merged as a list of one.
@@ -256,8 +244,7 @@ fn unit(value: &Yaml, _: &str) -> Result<Option<Unit>> {
 
 /// `metadata`: any map, kept as JSON; null is none.
 fn metadata(value: &Yaml, _: &str) -> Result<Option<serde_json::Value>> {
-    let not_a_map = "'metadata' must be a map";
-    let map = collection(value, not_a_map, Yaml::map)?;
+    let map = collection(value, "'metadata' must be a map", Yaml::map)?;
     map.map(|_| json(value)).transpose()
 }
 
@@ -318,9 +305,8 @@ fn descriptor(item: &Yaml, above: &[StatLevel]) -> Result<Node> {
         return invalid(item, format!("list element is not a map: {}", item.found()));
     };
     DESCRIPTOR.check(map)?;
-    let key = field(map, "key", |value, _| {
-        string(value, Some("descriptor has empty key"))
-    })?;
+    let empty_key = "descriptor has empty key";
+    let key = field(map, "key", |value, _| string(value, Some(empty_key)))?;
     let value = field(map, "value", |value, _| string(value, None))?;
     let value_to_metric = field(map, "value_to_metric", flag)?.unwrap_or_default();
     let Some(key) = key else {
@@ -377,8 +363,7 @@ type Limit = (RateLimit, Option<String>, Vec<String>);
 
 /// A descriptor's `rate_limit` map, merged and validated where it is written; null is none.
 fn rate_limit(value: &Yaml, _: &str) -> Result<Option<Limit>> {
-    let not_a_map = "'rate_limit' must be a map";
-    let Some(map) = collection(value, not_a_map, Yaml::map)? else {
+    let Some(map) = collection(value, "'rate_limit' must be a map", Yaml::map)? else {
         return Ok(None);
     };
     RATE_LIMIT.check(map)?;

@@ -197,10 +197,8 @@ impl<'t> Reader<'t> {
                 return Ok(node.clone());
             }
             Event::Scalar(text, style, anchor, tag) => {
-                let plain = match tag {
-                    Some(tag) => tag.suffix != "str", // a core tag: others are refused above
-                    None => style == ScalarStyle::Plain,
-                };
+                // A core tag (others are refused above) other than `!!str` reads as plain.
+                let plain = tag.map_or(style == ScalarStyle::Plain, |tag| tag.suffix != "str");
                 let text = text.into_owned();
                 (anchor, Node::Scalar { text, plain })
             }
@@ -299,11 +297,8 @@ pub(crate) fn resolve(text: &str) -> Scalar<'_> {
         _ if text.starts_with(char::is_alphabetic) => return Scalar::Text(text),
         _ => {}
     }
-    let (negative, unsigned) = match text.as_bytes()[0] {
-        b'-' => (true, &text[1..]),
-        b'+' => (false, &text[1..]),
-        _ => (false, text),
-    };
+    let negative = text.starts_with('-');
+    let unsigned = text.strip_prefix(['+', '-']).unwrap_or(text);
     let zero_padded = unsigned.len() > 1
         && unsigned.starts_with('0')
         && unsigned[1..].bytes().all(|b| b.is_ascii_digit());
