@@ -1,18 +1,19 @@
 //! The validation pass: a parsed [`Yaml`] tree → a domain's descriptor tree, checked the way
 //! envoyproxy/ratelimit checks it, failing on the first problem with its line.
 //!
-//! One recursive walk. Each map section (the file, a descriptor, a rate_limit, a replaces entry)
-//! is a [`Section`]: its keys are checked first (unknown and repeated keys are refused at the
-//! key), then each key's value is read by [`field`] (a bad value is refused at the value), then
-//! what needs the whole section (a missing key, a unit with `unlimited`, a duplicate descriptor)
-//! is checked at the section's first line. Upstream compatibility: YAML 1.1 booleans (`yes`,
-//! `on`, ...) are accepted as yaml.v2 does; `<<` merge keys work in descriptors and rate_limits
-//! (explicit keys win, then earlier sources); strings are taken as written (`1.10`, `010`); an
-//! empty `value` or `name` counts as absent; `requests_per_unit` absent or null is 0. A list or
-//! map where a string belongs keeps serde_yaml's wording without its path (`invalid type:
-//! sequence, expected a string`, not `descriptors[0].key: invalid ...`); an integer beyond 64
-//! bits is named as written (`found 99999999999999999999`), and metadata keeps it as its text, a
-//! JSON string (a JSON number cannot hold it exactly).
+//! One recursive walk. Each map section (the file, a descriptor, a rate_limit, a replaces entry) is
+//! a [`Section`]: its keys are checked first (unknown and repeated keys are refused at the key),
+//! then its values are read key by key by [`field`] (a bad value is refused at the value), and what
+//! needs the section as a whole (a missing key, a unit with `unlimited`, a duplicate descriptor) is
+//! refused at its first line once the values it needs are read. So of several problems the first in
+//! that order is reported, not always the first in the file. Upstream compatibility: YAML 1.1
+//! booleans (`yes`, `on`, ...) are accepted as yaml.v2 does; `<<` merge keys work in descriptors
+//! and rate_limits (explicit keys win, then earlier sources); strings are taken as written (`1.10`,
+//! `010`); an empty `value` or `name` counts as absent; `requests_per_unit` absent or null is 0. A
+//! list or map where a string belongs keeps serde_yaml's wording without its path (`invalid type:
+//! sequence, expected a string`, not `descriptors[0].key: invalid ...`); an integer beyond 64 bits
+//! is named as written (`found 99999999999999999999`), and metadata keeps it as its text, a JSON
+//! string (a JSON number cannot hold it exactly).
 
 use std::collections::HashSet;
 
@@ -313,15 +314,11 @@ fn descriptor(item: &Yaml, above: &[StatLevel]) -> Result<Node> {
         return invalid(item, "descriptor has no key");
     };
     // The rule's stat path, and its children's, starts with these levels, top level first.
-    let segment = composite(&key, value.as_deref());
-    let path = [
-        above,
-        &[StatLevel {
-            segment,
-            value_to_metric,
-        }],
-    ]
-    .concat();
+    let (mut path, segment) = (above.to_vec(), composite(&key, value.as_deref()));
+    path.push(StatLevel {
+        segment,
+        value_to_metric,
+    });
     let rate_limit = field(map, "rate_limit", rate_limit)?;
     let children = field(map, "descriptors", |value, _| list(value, &path))?;
     let shadow_mode = field(map, "shadow_mode", flag)?.unwrap_or_default();
