@@ -6,8 +6,8 @@
 //! their style so that a plain `~` is null and a quoted `'~'` is text. Aliases are replaced by a
 //! copy of their anchor's node, lines included (so an error inside an alias is reported where
 //! the anchored node is written, as serde_yaml and yaml.v2 do). A syntax error has saphyr-parser's
-//! message and line: libyaml's words (`while parsing a block collection, did not find expected '-'
-//! indicator`), at libyaml's line except inside a token (an unclosed quote): the token's first line.
+//! message and line: libyaml's words (`while parsing a block collection, did not find expected
+//! '-' indicator`), at libyaml's line except inside a token (an unclosed quote): its first line.
 //!
 //! Unlike serde_yaml, a tag outside the core schema (`!foo`) is refused at its node's line (`YAML
 //! tag '!foo' is not supported in rules files`; serde_yaml read it as an enum, refused as `invalid
