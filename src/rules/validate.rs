@@ -63,36 +63,46 @@ pub(crate) fn document(root: &Yaml, source: &str) -> Result<(DomainRules, usize)
     Ok((rules, domain_key.map_or(0, |(key, _)| key.line)))
 }
 
-/// A map section as data: what messages call it, its keys as messages list them, and whether
-/// `<<` may merge other maps into it.
+/// A map section as data: what messages call it, its keys in the order messages list them, and
+/// whether `<<` may merge other maps into it.
 struct Section {
     name: &'static str,
-    keys: &'static str,
+    keys: &'static [&'static str],
     merges: bool,
 }
 
 const FILE: Section = Section {
     name: "the rules file",
-    keys: "domain, descriptors",
+    keys: &["domain", "descriptors"],
     merges: false,
 };
 
 const DESCRIPTOR: Section = Section {
     name: "descriptor",
-    keys: "key, value, rate_limit, descriptors, shadow_mode, quota_mode, detailed_metric, \
-           value_to_metric, share_threshold, metadata",
+    keys: &[
+        "key",
+        "value",
+        "rate_limit",
+        "descriptors",
+        "shadow_mode",
+        "quota_mode",
+        "detailed_metric",
+        "value_to_metric",
+        "share_threshold",
+        "metadata",
+    ],
     merges: true,
 };
 
 const RATE_LIMIT: Section = Section {
     name: "rate_limit",
-    keys: "unit, requests_per_unit, name, replaces, unlimited",
+    keys: &["unit", "requests_per_unit", "name", "replaces", "unlimited"],
     merges: true,
 };
 
 const REPLACES_ENTRY: Section = Section {
     name: "replaces entry",
-    keys: "name",
+    keys: &["name"],
     merges: false,
 };
 
@@ -102,16 +112,17 @@ impl Section {
     /// map or a list of maps.
     fn check(&self, map: &Entries) -> Result<()> {
         const NOT_MERGEABLE: &str = "'<<' must merge a map or a list of maps";
+        let (name, keys) = (self.name, self.keys);
         // A bit per key, and the one after theirs for `<<`.
         let mut seen = 0u32;
         for (key, value) in map {
             let Some(Scalar::Text(text)) = key.scalar() else {
                 return invalid(key, format!("key is not a string: {}", key.found()));
             };
-            let (name, mut keys) = (self.name, self.keys.split(", "));
-            let merge = (self.merges && text == "<<").then(|| keys.clone().count());
-            let Some(i) = keys.position(|k| k == text).or(merge) else {
-                let message = format!("unknown key '{text}' in {name} (expected {})", self.keys);
+            let merge = (self.merges && text == "<<").then_some(keys.len());
+            let Some(i) = keys.iter().position(|k| *k == text).or(merge) else {
+                let expected = keys.join(", ");
+                let message = format!("unknown key '{text}' in {name} (expected {expected})");
                 return invalid(key, message);
             };
             if seen & (1 << i) != 0 {
@@ -121,13 +132,11 @@ impl Section {
             if merge != Some(i) {
                 continue;
             }
+            if matches!(value.node, Shape::Scalar { .. }) {
+                return wrong(value, NOT_MERGEABLE);
+            }
             // One map is merged as a list of one.
-            let sources = match &value.node {
-                Shape::Map(_) => std::slice::from_ref(value),
-                Shape::List(items) => &items[..],
-                Shape::Scalar { .. } => return wrong(value, NOT_MERGEABLE),
-            };
-            for source in sources {
+            for source in value.list().unwrap_or(std::slice::from_ref(value)) {
                 let Some(source) = source.map() else {
                     let message = format!("{NOT_MERGEABLE}, found {} in the list", source.found());
                     return invalid(source, message);
@@ -145,16 +154,16 @@ impl Section {
 /// (`None`: a null or empty string) leaves the key to the next map; flags, counts and lists are
 /// never absent, their null is false, 0, empty. Every value written is read, in file order, so
 /// a bad one is refused even where another wins.
-fn field<T>(
-    map: &Entries,
-    key: &str,
-    read: impl Fn(&Yaml, &str) -> Result<Option<T>> + Copy,
-) -> Result<Option<T>> {
+fn field<T, R>(map: &Entries, key: &str, read: R) -> Result<Option<T>>
+where
+    R: Fn(&Yaml, &str) -> Result<Option<T>> + Copy,
+{
     let (mut own, mut merged) = (None, None);
     for (name, value) in map {
-        match name.scalar() {
-            Some(Scalar::Text(name)) if name == key => own = read(value, key)?,
-            Some(Scalar::Text("<<")) => {
+        // The keys are checked strings: their text as written is the string.
+        match &name.node {
+            Shape::Scalar { text, .. } if text == key => own = read(value, key)?,
+            Shape::Scalar { text, .. } if text == "<<" => {
                 let sources = value.list().unwrap_or(std::slice::from_ref(value));
                 for source in sources.iter().filter_map(Yaml::map) {
                     merged = merged.or(field(source, key, read)?);
@@ -217,17 +226,13 @@ fn flag(value: &Yaml, key: &str) -> Result<Option<bool>> {
 /// `1e3`, too, as yaml.v2 takes it); null is 0.
 fn count(value: &Yaml, _: &str) -> Result<Option<u32>> {
     const EXPECTED: &str = "a whole number from 0 to 4294967295";
-    let n = match value.scalar() {
-        Some(Scalar::Null) => Some(0),
-        Some(Scalar::Unsigned(n)) => u32::try_from(n).ok(),
-        Some(Scalar::Signed(n)) => u32::try_from(n).ok(),
+    match value.scalar() {
+        Some(Scalar::Null) => Ok(Some(0)),
+        Some(Scalar::Unsigned(n)) if n <= u64::from(u32::MAX) => Ok(Some(n as u32)),
+        Some(Scalar::Signed(n)) if (0..=i64::from(u32::MAX)).contains(&n) => Ok(Some(n as u32)),
         // Saturated, then compared: a fraction or an out-of-range value does not come back.
-        Some(Scalar::Float(f)) => Some(f as u32).filter(|&n| f64::from(n) == f),
-        _ => None,
-    };
-    match n {
-        Some(n) => Ok(Some(n)),
-        None => wrong(value, &format!("requests_per_unit must be {EXPECTED}")),
+        Some(Scalar::Float(f)) if f64::from(f as u32) == f => Ok(Some(f as u32)),
+        _ => wrong(value, &format!("requests_per_unit must be {EXPECTED}")),
     }
 }
 

@@ -203,11 +203,8 @@ impl<'t> Reader<'t> {
                 (anchor, Node::Scalar { text, plain })
             }
             Event::SequenceStart(anchor, _) => {
-                let mut items = Vec::new();
-                while let Some(item) = self.child(depth)? {
-                    items.push(item);
-                }
-                (anchor, Node::List(items))
+                let items = std::iter::from_fn(|| self.child(depth).transpose());
+                (anchor, Node::List(items.collect::<Result<_, _>>()?))
             }
             Event::MappingStart(anchor, _) => {
                 let mut entries = Vec::new();
