@@ -310,13 +310,9 @@ fn parse_document(file: &str, text: &str) -> Result<(DomainRules, Option<usize>)
     // Editors on Windows may start a file with a byte order mark; it takes no line.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let tree = yaml::parse(text).map_err(|err| fail(err.line, err.message))?;
-    let document = validate::document(&tree).map_err(|err| fail(err.line, err.message))?;
-    let rules = DomainRules {
-        name: document.domain,
-        source: file.to_owned(),
-        root: document.root,
-    };
-    Ok((rules, Some(document.domain_line)))
+    let (rules, domain_line) =
+        validate::document(&tree, file).map_err(|err| fail(err.line, err.message))?;
+    Ok((rules, Some(domain_line)))
 }
 
 fn hash_sources(sources: &[(String, String)]) -> String {

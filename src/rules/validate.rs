@@ -1,18 +1,19 @@
 //! The validation pass: a parsed [`Yaml`] tree → a domain's descriptor tree, checked the way
 //! envoyproxy/ratelimit checks it, failing on the first problem with its line.
 //!
-//! One recursive walk, in document order. Each map section (the file, a descriptor, a
-//! rate_limit, a replaces entry) is described by a table of its keys, each with the [`Slot`] its
-//! value is read into, and read by one [`Section`] reader: unknown and repeated keys are refused
-//! at the key, a bad value at the value, and what needs the whole section (a missing key, a unit
-//! with `unlimited`, a duplicate descriptor) at the section's first line. Upstream compatibility:
-//! YAML 1.1 booleans (`yes`, `on`, ...) are accepted as yaml.v2 does; `<<` merge keys work in
-//! descriptors and rate_limits (explicit keys win, then earlier sources); strings are taken as
-//! written (`1.10`, `010`); an empty `value` or `name` counts as absent; `requests_per_unit`
-//! absent or null is 0. A list or map where a string belongs keeps serde_yaml's wording without
-//! its path (`invalid type: sequence, expected a string`, not `descriptors[0].key: invalid ...`);
-//! an integer beyond 64 bits is named as written (`found 99999999999999999999`), and metadata
-//! keeps it as its text, a JSON string (a JSON number cannot hold it exactly).
+//! One recursive walk. Each map section (the file, a descriptor, a rate_limit, a replaces entry) is
+//! a [`Section`]: its keys are checked first (unknown and repeated keys are refused at the key),
+//! then its values are read key by key by [`field`] (a bad value is refused at the value), and what
+//! needs the section as a whole (a missing key, a unit with `unlimited`, a duplicate descriptor) is
+//! refused at its first line once the values it needs are read. So of several problems the first in
+//! that order is reported, not always the first in the file. Upstream compatibility: YAML 1.1
+//! booleans (`yes`, `on`, ...) are accepted as yaml.v2 does; `<<` merge keys work in descriptors
+//! and rate_limits (explicit keys win, then earlier sources); strings are taken as written (`1.10`,
+//! `010`); an empty `value` or `name` counts as absent; `requests_per_unit` absent or null is 0. A
+//! list or map where a string belongs keeps serde_yaml's wording without its path (`invalid type:
+//! sequence, expected a string`, not `descriptors[0].key: invalid ...`); an integer beyond 64 bits
+//! is named as written (`found 99999999999999999999`), and metadata keeps it as its text, a JSON
+//! string (a JSON number cannot hold it exactly).
 
 use std::collections::HashSet;
 
@@ -20,12 +21,13 @@ use hivemind_core::Unit;
 
 use super::matcher::{composite, Level, Node};
 use super::yaml::{Entries, Invalid, Node as Shape, Scalar, Yaml};
-use super::{RateLimit, Rule, StatLevel};
+use super::{DomainRules, RateLimit, Rule, StatLevel};
 
 type Result<T> = std::result::Result<T, Invalid>;
 
 fn invalid<T>(at: &Yaml, message: impl Into<String>) -> Result<T> {
-    Err(Invalid::new(Some(at.line), message))
+    let (line, message) = (Some(at.line), message.into());
+    Err(Invalid { line, message })
 }
 
 /// `{what}, found {value}`: the message for a value of the wrong kind.
@@ -33,156 +35,144 @@ fn wrong<T>(value: &Yaml, what: &str) -> Result<T> {
     invalid(value, format!("{what}, found {}", value.found()))
 }
 
-/// A validated document: the domain, the line of its `domain` key, its descriptors.
-pub(crate) struct Document {
-    pub(crate) domain: String,
-    pub(crate) domain_line: usize,
-    pub(crate) root: Level,
-}
-
 const UNITS: &str = "second, minute, hour, day, week, month or year";
 
-/// Validates a whole document.
-pub(crate) fn document(root: &Yaml) -> Result<Document> {
+/// Validates a whole document, read from `source`: its domain's rules, and the line of its
+/// `domain` key.
+pub(crate) fn document(root: &Yaml, source: &str) -> Result<(DomainRules, usize)> {
     let not_a_map = "a rules file must be a map with 'domain' and 'descriptors'";
     let Some(map) = collection(root, not_a_map, Yaml::map)? else {
         return invalid(root, "missing domain (the file has no YAML document)");
     };
-    let mut domain = Slot::new(|value, _| non_empty(value, "domain is empty"));
-    let mut descriptors = Slot::new(list);
-    Section {
-        name: "the rules file",
-        merges: false,
-        fields: &mut [("domain", &mut domain), ("descriptors", &mut descriptors)],
-    }
-    .read(map)?;
-    let Some(domain) = domain.get() else {
+    FILE.check(map)?;
+    let empty = "domain is empty";
+    let domain = field(map, "domain", |value, _| string(value, Some(empty)))?;
+    let descriptors = field(map, "descriptors", |value, _| list(value, &[]))?;
+    let Some(domain) = domain else {
         return invalid(root, "missing domain");
     };
-    // Read above: the keys are strings, each at most once.
+    // Checked above: the keys are strings, each at most once.
     let domain_key = map
         .iter()
         .find(|(key, _)| key.scalar() == Some(Scalar::Text("domain")));
-    Ok(Document {
-        domain,
-        domain_line: domain_key.map_or(0, |(key, _)| key.line),
-        root: descriptors.or_default(),
-    })
+    let rules = DomainRules {
+        name: domain,
+        source: source.to_owned(),
+        root: descriptors.unwrap_or_default(),
+    };
+    Ok((rules, domain_key.map_or(0, |(key, _)| key.line)))
 }
 
-/// A map section (the file, a descriptor, a rate_limit, a replaces entry) as data: what
-/// messages call it, whether `<<` may merge other maps into it, and its keys with the [`Slot`]
-/// each value is read into, in the order messages list them.
-struct Section<'a> {
+/// A map section as data: what messages call it, its keys in the order messages list them, and
+/// whether `<<` may merge other maps into it.
+struct Section {
     name: &'static str,
+    keys: &'static [&'static str],
     merges: bool,
-    fields: &'a mut [(&'static str, &'a mut dyn Offer)],
 }
 
-impl Section<'_> {
-    /// Reads `map` into the fields, key by key in file order, with its `<<` sources where the
-    /// `<<` is.
-    fn read(mut self, map: &Entries) -> Result<()> {
-        self.map(map, 0, &mut 0)
-    }
+const FILE: Section = Section {
+    name: "the rules file",
+    keys: &["domain", "descriptors"],
+    merges: false,
+};
 
-    /// Reads one map of the section, of rank `rank`; each `<<` source (a map, or a list of
-    /// maps) gets the next rank (`last` counts them), so the ranks follow the sources in
-    /// pre-order (see [`Slot`]).
-    fn map(&mut self, map: &Entries, rank: usize, last: &mut usize) -> Result<()> {
+const DESCRIPTOR: Section = Section {
+    name: "descriptor",
+    keys: &[
+        "key",
+        "value",
+        "rate_limit",
+        "descriptors",
+        "shadow_mode",
+        "quota_mode",
+        "detailed_metric",
+        "value_to_metric",
+        "share_threshold",
+        "metadata",
+    ],
+    merges: true,
+};
+
+const RATE_LIMIT: Section = Section {
+    name: "rate_limit",
+    keys: &["unit", "requests_per_unit", "name", "replaces", "unlimited"],
+    merges: true,
+};
+
+const REPLACES_ENTRY: Section = Section {
+    name: "replaces entry",
+    keys: &["name"],
+    merges: false,
+};
+
+impl Section {
+    /// Checks the keys of `map`, and of each map it merges with `<<`, in file order: each a
+    /// string key of the section, at most once in one map; `<<` (where the section merges) a
+    /// map or a list of maps.
+    fn check(&self, map: &Entries) -> Result<()> {
         const NOT_MERGEABLE: &str = "'<<' must merge a map or a list of maps";
-        // A bit per field, and the last for `<<`.
+        let (name, keys) = (self.name, self.keys);
+        // A bit per key, and the one after theirs for `<<`.
         let mut seen = 0u32;
         for (key, value) in map {
-            let i = self.key(key, &mut seen)?;
-            if let Some((name, slot)) = self.fields.get_mut(i) {
-                slot.offer(value, rank, name)?;
+            let Some(Scalar::Text(text)) = key.scalar() else {
+                return invalid(key, format!("key is not a string: {}", key.found()));
+            };
+            let merge = (self.merges && text == "<<").then_some(keys.len());
+            let Some(i) = keys.iter().position(|k| *k == text).or(merge) else {
+                let expected = keys.join(", ");
+                let message = format!("unknown key '{text}' in {name} (expected {expected})");
+                return invalid(key, message);
+            };
+            if seen & (1 << i) != 0 {
+                return invalid(key, format!("key '{text}' appears twice in one {name}"));
+            }
+            seen |= 1 << i;
+            if merge != Some(i) {
                 continue;
             }
+            if matches!(value.node, Shape::Scalar { .. }) {
+                return wrong(value, NOT_MERGEABLE);
+            }
             // One map is merged as a list of one.
-            let sources = match &value.node {
-                Shape::Map(_) => std::slice::from_ref(value),
-                Shape::List(items) => &items[..],
-                Shape::Scalar { .. } => return wrong(value, NOT_MERGEABLE),
-            };
-            for source in sources {
+            for source in value.list().unwrap_or(std::slice::from_ref(value)) {
                 let Some(source) = source.map() else {
                     let message = format!("{NOT_MERGEABLE}, found {} in the list", source.found());
                     return invalid(source, message);
                 };
-                *last += 1;
-                self.map(source, *last, last)?;
+                self.check(source)?;
             }
         }
         Ok(())
     }
+}
 
-    /// The index of `key` in the fields (the fields' count for `<<`): a string key of the
-    /// section, not `seen` before in the same map.
-    fn key(&self, key: &Yaml, seen: &mut u32) -> Result<usize> {
-        let Some(Scalar::Text(text)) = key.scalar() else {
-            return invalid(key, format!("key is not a string: {}", key.found()));
-        };
-        let (name, keys) = (self.name, self.fields.iter().map(|field| field.0));
-        let merge = (self.merges && text == "<<").then_some(self.fields.len());
-        let Some(i) = keys.clone().position(|k| k == text).or(merge) else {
-            let expected = keys.collect::<Vec<_>>().join(", ");
-            let message = format!("unknown key '{text}' in {name} (expected {expected})");
-            return invalid(key, message);
-        };
-        if *seen & (1 << i) != 0 {
-            return invalid(key, format!("key '{text}' appears twice in one {name}"));
+/// The value of `key` in a section's `map` (its keys checked), validated by `read`: the map's
+/// own value, else that of the first map it merges with `<<` (in order, each with its own
+/// sources) that has one; so explicit keys win, then earlier sources. A value read as absent
+/// (`None`: a null or empty string) leaves the key to the next map; flags, counts and lists are
+/// never absent, their null is false, 0, empty. Every value written is read, in file order, so
+/// a bad one is refused even where another wins.
+fn field<T, R>(map: &Entries, key: &str, read: R) -> Result<Option<T>>
+where
+    R: Fn(&Yaml, &str) -> Result<Option<T>> + Copy,
+{
+    let (mut own, mut merged) = (None, None);
+    for (name, value) in map {
+        // The keys are checked strings: their text as written is the string.
+        match &name.node {
+            Shape::Scalar { text, .. } if text == key => own = read(value, key)?,
+            Shape::Scalar { text, .. } if text == "<<" => {
+                let sources = value.list().unwrap_or(std::slice::from_ref(value));
+                for source in sources.iter().filter_map(Yaml::map) {
+                    merged = merged.or(field(source, key, read)?);
+                }
+            }
+            _ => {}
         }
-        *seen |= 1 << i;
-        Ok(i)
     }
-}
-
-/// What a [`Section`] table holds for each key: a [`Slot`] of some type.
-trait Offer {
-    /// Validates `value`, written under `key` in a map of this `rank`, and keeps it if it wins.
-    fn offer(&mut self, value: &Yaml, rank: usize, key: &str) -> Result<()>;
-}
-
-/// A field of a [`Section`]: how to read its value, and the value kept so far with the rank of
-/// the map it came from. The lowest rank wins: the section's own map is 0 and its `<<` sources
-/// count up in pre-order, so an explicit key beats merged ones, then an earlier source (with its
-/// own sources) a later one. A value read as absent (`None`: a null or empty string) leaves the
-/// field to other maps; flags, counts and lists are never absent, their null is false, 0, empty.
-struct Slot<T> {
-    /// Validates a value where it is written, given the key it is written under.
-    read: fn(&Yaml, &str) -> Result<Option<T>>,
-    /// The winning value so far and its rank.
-    kept: Option<(usize, T)>,
-}
-
-impl<T> Slot<T> {
-    fn new(read: fn(&Yaml, &str) -> Result<Option<T>>) -> Self {
-        Slot { read, kept: None }
-    }
-
-    fn get(self) -> Option<T> {
-        self.kept.map(|(_, value)| value)
-    }
-
-    /// The value, or the field's default (false, 0, empty) when no map gave one.
-    fn or_default(self) -> T
-    where
-        T: Default,
-    {
-        self.get().unwrap_or_default()
-    }
-}
-
-impl<T> Offer for Slot<T> {
-    fn offer(&mut self, value: &Yaml, rank: usize, key: &str) -> Result<()> {
-        let value = (self.read)(value, key)?;
-        let lower = self.kept.as_ref().is_none_or(|(kept, _)| rank < *kept);
-        if let Some(value) = value.filter(|_| lower) {
-            self.kept = Some((rank, value));
-        }
-        Ok(())
-    }
+    Ok(own.or(merged))
 }
 
 /// A value that must be a map or a list (`shape` picks which, e.g. [`Yaml::map`]) or null
@@ -199,28 +189,17 @@ fn collection<'y, T: ?Sized>(
     }
 }
 
-/// A string field, as written; null is `None`.
-fn string(value: &Yaml) -> Result<Option<String>> {
+/// A string field, as written; null is `None`, and so is an empty string unless `empty` says why
+/// it may not be (`domain`, a descriptor's `key`, a replaces `name`).
+fn string(value: &Yaml, empty: Option<&str>) -> Result<Option<String>> {
     let wrong_type = |found| invalid(value, format!("invalid type: {found}, expected a string"));
-    match &value.node {
+    match (&value.node, empty) {
         _ if value.is_null() => Ok(None),
-        Shape::Scalar { text, .. } => Ok(Some(text.to_string())),
-        Shape::List(_) => wrong_type("sequence"),
-        Shape::Map(_) => wrong_type("map"),
-    }
-}
-
-/// A string field where empty counts as absent (`value`, `name`, `unit`).
-fn optional(value: &Yaml) -> Result<Option<String>> {
-    Ok(string(value)?.filter(|text| !text.is_empty()))
-}
-
-/// A string field that must not be empty (`domain`, a descriptor's `key`, a replaces `name`):
-/// `empty` is the message if it is.
-fn non_empty(value: &Yaml, empty: &str) -> Result<Option<String>> {
-    match string(value)? {
-        Some(text) if text.is_empty() => invalid(value, empty),
-        text => Ok(text),
+        (Shape::Scalar { text, .. }, Some(empty)) if text.is_empty() => invalid(value, empty),
+        (Shape::Scalar { text, .. }, None) if text.is_empty() => Ok(None),
+        (Shape::Scalar { text, .. }, _) => Ok(Some(text.to_string())),
+        (Shape::List(_), _) => wrong_type("sequence"),
+        (Shape::Map(_), _) => wrong_type("map"),
     }
 }
 
@@ -234,16 +213,12 @@ const FALSE: [&str; 11] = [
 
 /// A boolean flag, spelled as in [`TRUE`] and [`FALSE`]; null is false.
 fn flag(value: &Yaml, key: &str) -> Result<Option<bool>> {
-    let on = match value.scalar() {
-        Some(Scalar::Null) => Some(false),
-        Some(Scalar::Bool(on)) => Some(on),
-        Some(Scalar::Text(text)) if TRUE.contains(&text) => Some(true),
-        Some(Scalar::Text(text)) if FALSE.contains(&text) => Some(false),
-        _ => None,
-    };
-    match on {
-        Some(on) => Ok(Some(on)),
-        None => wrong(value, &format!("'{key}' must be true or false")),
+    match value.scalar() {
+        Some(Scalar::Null) => Ok(Some(false)),
+        Some(Scalar::Bool(on)) => Ok(Some(on)),
+        Some(Scalar::Text(text)) if TRUE.contains(&text) => Ok(Some(true)),
+        Some(Scalar::Text(text)) if FALSE.contains(&text) => Ok(Some(false)),
+        _ => wrong(value, &format!("'{key}' must be true or false")),
     }
 }
 
@@ -251,39 +226,31 @@ fn flag(value: &Yaml, key: &str) -> Result<Option<bool>> {
 /// `1e3`, too, as yaml.v2 takes it); null is 0.
 fn count(value: &Yaml, _: &str) -> Result<Option<u32>> {
     const EXPECTED: &str = "a whole number from 0 to 4294967295";
-    let n = match value.scalar() {
-        Some(Scalar::Null) => Some(0),
-        Some(Scalar::Unsigned(n)) => u32::try_from(n).ok(),
-        Some(Scalar::Signed(n)) => u32::try_from(n).ok(),
-        Some(Scalar::Float(f)) if f.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&f) => {
-            Some(f as u32)
-        }
-        _ => None,
-    };
-    match n {
-        Some(n) => Ok(Some(n)),
-        None => wrong(value, &format!("requests_per_unit must be {EXPECTED}")),
+    match value.scalar() {
+        Some(Scalar::Null) => Ok(Some(0)),
+        Some(Scalar::Unsigned(n)) if n <= u64::from(u32::MAX) => Ok(Some(n as u32)),
+        Some(Scalar::Signed(n)) if (0..=i64::from(u32::MAX)).contains(&n) => Ok(Some(n as u32)),
+        // Saturated, then compared: a fraction or an out-of-range value does not come back.
+        Some(Scalar::Float(f)) if f64::from(f as u32) == f => Ok(Some(f as u32)),
+        _ => wrong(value, &format!("requests_per_unit must be {EXPECTED}")),
     }
 }
 
 /// `unit`: one of [`UNITS`]; null or empty is none.
 fn unit(value: &Yaml, _: &str) -> Result<Option<Unit>> {
-    let Some(text) = optional(value)? else {
+    let Some(text) = string(value, None)? else {
         return Ok(None);
     };
-    match Unit::parse(&text) {
-        Some(unit) => Ok(Some(unit)),
-        None => invalid(
-            value,
-            format!("invalid rate limit unit '{text}' (expected {UNITS})"),
-        ),
-    }
+    let Some(unit) = Unit::parse(&text) else {
+        let message = format!("invalid rate limit unit '{text}' (expected {UNITS})");
+        return invalid(value, message);
+    };
+    Ok(Some(unit))
 }
 
 /// `metadata`: any map, kept as JSON; null is none.
 fn metadata(value: &Yaml, _: &str) -> Result<Option<serde_json::Value>> {
-    let not_a_map = "'metadata' must be a map";
-    let map = collection(value, not_a_map, Yaml::map)?;
+    let map = collection(value, "'metadata' must be a map", Yaml::map)?;
     map.map(|_| json(value)).transpose()
 }
 
@@ -293,10 +260,7 @@ fn json(value: &Yaml) -> Result<serde_json::Value> {
     use serde_json::Value as Json;
     const KEY_NOT_STRING: &str = "'metadata' cannot be represented as JSON: key must be a string";
     Ok(match (&value.node, value.scalar()) {
-        (Shape::List(items), _) => {
-            let items = items.iter().map(json);
-            Json::Array(items.collect::<Result<_>>()?)
-        }
+        (Shape::List(items), _) => Json::Array(items.iter().map(json).collect::<Result<_>>()?),
         (Shape::Map(entries), _) => {
             let mut map = serde_json::Map::with_capacity(entries.len());
             for (key, item) in entries {
@@ -324,14 +288,14 @@ fn json(value: &Yaml) -> Result<serde_json::Value> {
     })
 }
 
-/// A `descriptors` list: one level of the tree; null is empty.
-fn list(value: &Yaml, _: &str) -> Result<Option<Level>> {
+/// A `descriptors` list: one level of the tree, below the levels `above`; null is empty.
+fn list(value: &Yaml, above: &[StatLevel]) -> Result<Option<Level>> {
     let not_a_list = "'descriptors' must be a list";
     let items = collection(value, not_a_list, Yaml::list)?.unwrap_or_default();
     let mut siblings = HashSet::with_capacity(items.len());
     let mut nodes = Vec::with_capacity(items.len());
     for item in items {
-        let node = descriptor(item)?;
+        let node = descriptor(item, above)?;
         if !siblings.insert(node.composite()) {
             return invalid(item, format!("duplicate descriptor '{}'", node.composite()));
         }
@@ -340,94 +304,60 @@ fn list(value: &Yaml, _: &str) -> Result<Option<Level>> {
     Ok(Some(Level::new(nodes)))
 }
 
-/// One element of a `descriptors` list, validated as a whole (its siblings are the caller's).
-fn descriptor(item: &Yaml) -> Result<Node> {
+/// One element of a `descriptors` list below the levels `above`, validated as a whole (its
+/// siblings are the caller's).
+fn descriptor(item: &Yaml, above: &[StatLevel]) -> Result<Node> {
     let Some(map) = item.map() else {
         return invalid(item, format!("list element is not a map: {}", item.found()));
     };
-    let mut key = Slot::new(|value, _| non_empty(value, "descriptor has empty key"));
-    let mut value = Slot::new(|value, _| optional(value));
-    let mut rate_limit = Slot::new(rate_limit);
-    let mut children = Slot::new(list);
-    let mut shadow_mode = Slot::new(flag);
-    let mut quota_mode = Slot::new(flag);
-    let mut detailed_metric = Slot::new(flag);
-    let mut value_to_metric = Slot::new(flag);
-    let mut share_threshold = Slot::new(flag);
-    let mut metadata = Slot::new(metadata);
-    Section {
-        name: "descriptor",
-        merges: true,
-        fields: &mut [
-            ("key", &mut key),
-            ("value", &mut value),
-            ("rate_limit", &mut rate_limit),
-            ("descriptors", &mut children),
-            ("shadow_mode", &mut shadow_mode),
-            ("quota_mode", &mut quota_mode),
-            ("detailed_metric", &mut detailed_metric),
-            ("value_to_metric", &mut value_to_metric),
-            ("share_threshold", &mut share_threshold),
-            ("metadata", &mut metadata),
-        ],
-    }
-    .read(map)?;
-    let Some(key) = key.get() else {
+    DESCRIPTOR.check(map)?;
+    let empty_key = "descriptor has empty key";
+    let key = field(map, "key", |value, _| string(value, Some(empty_key)))?;
+    let value = field(map, "value", |value, _| string(value, None))?;
+    let value_to_metric = field(map, "value_to_metric", flag)?.unwrap_or_default();
+    let Some(key) = key else {
         return invalid(item, "descriptor has no key");
     };
-    let value = value.get();
-    let share_threshold = share_threshold.or_default();
+    // The rule's stat path, and its children's, starts with these levels, top level first.
+    let (mut path, segment) = (above.to_vec(), composite(&key, value.as_deref()));
+    path.push(StatLevel {
+        segment,
+        value_to_metric,
+    });
+    let rate_limit = field(map, "rate_limit", rate_limit)?;
+    let children = field(map, "descriptors", |value, _| list(value, &path))?;
+    let shadow_mode = field(map, "shadow_mode", flag)?.unwrap_or_default();
+    let quota_mode = field(map, "quota_mode", flag)?.unwrap_or_default();
+    let detailed_metric = field(map, "detailed_metric", flag)?.unwrap_or_default();
+    let share_threshold = field(map, "share_threshold", flag)?.unwrap_or_default();
+    let metadata = field(map, "metadata", metadata)?;
     if share_threshold && !value.as_deref().is_some_and(|v| v.contains('*')) {
         let composite = composite(&key, value.as_deref());
         let message = "share_threshold needs a '*' wildcard in value";
         return invalid(item, format!("{message} (descriptor '{composite}')"));
     }
-    let rule = rate_limit
-        .get()
-        .map(|(limit, unlimited_name, unlimited_replaces)| Rule {
-            limit,
-            shadow_mode: shadow_mode.or_default(),
-            quota_mode: quota_mode.or_default(),
-            detailed_metric: detailed_metric.or_default(),
-            share_threshold,
-            metadata: metadata.get(),
-            stat_name: String::new(),
-            stat_levels: Vec::new(),
-            line: item.line,
-            unlimited_name,
-            unlimited_replaces,
-        });
-    let mut node = Node {
+    let segments = path.iter().map(|level| level.segment.as_str());
+    let rule = rate_limit.map(|(limit, unlimited_name, unlimited_replaces)| Rule {
+        limit,
+        shadow_mode,
+        quota_mode,
+        detailed_metric,
+        share_threshold,
+        metadata,
+        stat_name: segments.collect::<Vec<_>>().join("."),
+        stat_levels: path.clone(),
+        line: item.line,
+        unlimited_name,
+        unlimited_replaces,
+    });
+    Ok(Node {
         key,
         value,
         share_threshold,
         rule,
-        children: children.or_default(),
+        children: children.unwrap_or_default(),
         line: item.line,
-    };
-    let level = StatLevel {
-        segment: node.composite(),
-        value_to_metric: value_to_metric.or_default(),
-    };
-    head_stat_paths(&mut node, &level);
-    Ok(node)
-}
-
-/// Puts `level` at the top of the stat path (and name) of `node`'s rule and of every rule below
-/// it. A descriptor is done after its children, so its ancestors add their levels in turn as
-/// the walk returns: each rule ends with its whole path, top level first.
-fn head_stat_paths(node: &mut Node, level: &StatLevel) {
-    if let Some(rule) = &mut node.rule {
-        rule.stat_name = if rule.stat_levels.is_empty() {
-            level.segment.clone()
-        } else {
-            format!("{}.{}", level.segment, rule.stat_name)
-        };
-        rule.stat_levels.insert(0, level.clone());
-    }
-    for child in &mut node.children.nodes {
-        head_stat_paths(child, level);
-    }
+    })
 }
 
 /// A validated `rate_limit`: the limit, and the `name` and `replaces` an unlimited one carries.
@@ -435,37 +365,23 @@ type Limit = (RateLimit, Option<String>, Vec<String>);
 
 /// A descriptor's `rate_limit` map, merged and validated where it is written; null is none.
 fn rate_limit(value: &Yaml, _: &str) -> Result<Option<Limit>> {
-    let not_a_map = "'rate_limit' must be a map";
-    let Some(map) = collection(value, not_a_map, Yaml::map)? else {
+    let Some(map) = collection(value, "'rate_limit' must be a map", Yaml::map)? else {
         return Ok(None);
     };
-    let mut unit = Slot::new(unit);
-    let mut requests_per_unit = Slot::new(count);
-    let mut name = Slot::new(|value, _| optional(value));
-    let mut replaces = Slot::new(replaces);
-    let mut unlimited = Slot::new(flag);
-    Section {
-        name: "rate_limit",
-        merges: true,
-        fields: &mut [
-            ("unit", &mut unit),
-            ("requests_per_unit", &mut requests_per_unit),
-            ("name", &mut name),
-            ("replaces", &mut replaces),
-            ("unlimited", &mut unlimited),
-        ],
-    }
-    .read(map)?;
-    let (name, replaces) = (name.get(), replaces.or_default());
+    RATE_LIMIT.check(map)?;
+    let unit = field(map, "unit", unit)?;
+    let requests_per_unit = field(map, "requests_per_unit", count)?.unwrap_or_default();
+    let name = field(map, "name", |value, _| string(value, None))?;
+    let replaces = field(map, "replaces", replaces)?.unwrap_or_default();
+    let unlimited = field(map, "unlimited", flag)?.unwrap_or_default();
     if let Some(name) = name.as_ref().filter(|name| replaces.contains(name)) {
         return invalid(value, format!("rate limit '{name}' replaces itself"));
     }
-    match (unlimited.or_default(), unit.get()) {
+    match (unlimited, unit) {
         (true, Some(_)) => invalid(value, "unlimited rate_limit must not have a unit"),
         (true, None) => Ok(Some((RateLimit::Unlimited, name, replaces))),
         (false, None) => invalid(value, format!("rate_limit has no unit (expected {UNITS})")),
         (false, Some(unit)) => {
-            let requests_per_unit = requests_per_unit.or_default();
             let limit = RateLimit::Limited {
                 requests_per_unit,
                 unit,
@@ -486,15 +402,10 @@ fn replaces(value: &Yaml, _: &str) -> Result<Option<Vec<String>>> {
         let Some(map) = item.map() else {
             return invalid(item, format!("list element is not a map: {}", item.found()));
         };
-        let mut name = Slot::new(|value, _| non_empty(value, "replaces entry has an empty name"));
-        Section {
-            name: "replaces entry",
-            merges: false,
-            fields: &mut [("name", &mut name)],
-        }
-        .read(map)?;
-        let Some(name) = name.get() else {
-            return invalid(item, "replaces entry has an empty name");
+        REPLACES_ENTRY.check(map)?;
+        let empty = "replaces entry has an empty name";
+        let Some(name) = field(map, "name", |value, _| string(value, Some(empty)))? else {
+            return invalid(item, empty);
         };
         names.push(name);
     }

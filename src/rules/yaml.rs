@@ -5,8 +5,9 @@
 //! entries in file order with duplicate keys kept, and scalars as written (`1.10`, `010`), with
 //! their style so that a plain `~` is null and a quoted `'~'` is text. Aliases are replaced by a
 //! copy of their anchor's node, lines included (so an error inside an alias is reported where
-//! the anchored node is written, as serde_yaml and yaml.v2 do). A syntax error is reported with
-//! the message and line serde_yaml (libyaml) gives for it, as before.
+//! the anchored node is written, as serde_yaml and yaml.v2 do). A syntax error has saphyr-parser's
+//! message and line: libyaml's words (`while parsing a block collection, did not find expected
+//! '-' indicator`), at libyaml's line except inside a token (an unclosed quote): its first line.
 //!
 //! Unlike serde_yaml, a tag outside the core schema (`!foo`) is refused at its node's line (`YAML
 //! tag '!foo' is not supported in rules files`; serde_yaml read it as an enum, refused as `invalid
@@ -64,14 +65,6 @@ pub(crate) struct Invalid {
     pub(crate) message: String,
 }
 
-impl Invalid {
-    /// A problem at `line` (or at no place in particular).
-    pub(crate) fn new(line: Option<usize>, message: impl Into<String>) -> Self {
-        let message = message.into();
-        Invalid { line, message }
-    }
-}
-
 /// Aliases may copy at most this many nodes per document ("billion laughs" guard).
 const ALIAS_BUDGET: usize = 1_000_000;
 /// Collections may nest at most this deep (serde_yaml's limit too).
@@ -84,56 +77,35 @@ const MAX_DEPTH: usize = 128;
 /// text read again.
 pub(crate) fn parse(text: &str) -> Result<Yaml, Invalid> {
     let mut patched = Cow::Borrowed(text);
-    for _ in 0..10_000 {
-        let at = match Reader::new(&patched, text).document() {
+    let mut tries = 0;
+    loop {
+        let mut reader = Reader::new(&patched);
+        let error = match reader.document() {
             Ok(root) => return Ok(root),
-            Err(Fault::Invalid(invalid)) => return Err(invalid),
-            Err(Fault::TabAfterColon(at)) => at,
+            Err(error) => error,
         };
-        // The error points at the tab or just past it.
-        let mut near = patched.char_indices().skip(at.saturating_sub(1)).take(2);
-        let Some((tab, _)) = near.find(|&(_, c)| c == '\t') else {
-            break;
-        };
-        patched.to_mut().replace_range(tab..=tab, " ");
+        match reader.tab_after_colon {
+            Some(tab) if tries < 10_000 => patched.to_mut().replace_range(tab..=tab, " "),
+            _ => return Err(error),
+        }
+        tries += 1;
     }
-    Err(libyaml_error(text))
 }
 
-/// Why a text could not be read.
-enum Fault {
-    /// A tab right after `:`, at this character index.
-    TabAfterColon(usize),
-    /// Anything else.
-    Invalid(Invalid),
-}
-
-fn refused(line: Option<usize>, message: impl Into<String>) -> Fault {
-    Fault::Invalid(Invalid::new(line, message))
-}
-
-/// serde_yaml's message and line for a text that does not parse ("invalid YAML" if it does):
-/// libyaml's wording, which this reader's users saw before it.
-fn libyaml_error(text: &str) -> Invalid {
-    let Err(error) = serde_yaml::from_str::<serde::de::IgnoredAny>(text) else {
-        return Invalid::new(None, "invalid YAML");
-    };
-    let message = error.to_string();
-    let Some(at) = error.location() else {
-        return Invalid::new(None, message);
-    };
-    // The line is reported apart: drop libyaml's position from the message.
-    let suffix = format!(" at line {} column {}", at.line(), at.column());
-    let message = message.strip_suffix(&suffix).unwrap_or(&message);
-    Invalid::new(Some(at.line()), message)
+/// A problem at `line`.
+fn refused<T>(line: usize, message: impl Into<String>) -> Result<T, Invalid> {
+    let (line, message) = (Some(line), message.into());
+    Err(Invalid { line, message })
 }
 
 /// Assembles the parser's events into [`Yaml`] nodes.
 struct Reader<'t> {
     /// The events of `text`.
     parser: Parser<'t, StrInput<'t>>,
-    /// The text as given, for libyaml's message when the parser refuses it.
-    source: &'t str,
+    /// The text, to find a tab the parser refused.
+    text: &'t str,
+    /// The byte offset of a tab right after `:` the parser refused, if it did.
+    tab_after_colon: Option<usize>,
     /// Anchor id → the anchored node and how many nodes it is.
     anchors: HashMap<usize, (Yaml, usize)>,
     /// Nodes made so far, alias copies included: how big an anchored node is.
@@ -143,28 +115,38 @@ struct Reader<'t> {
 }
 
 impl<'t> Reader<'t> {
-    fn new(text: &'t str, source: &'t str) -> Self {
+    fn new(text: &'t str) -> Self {
         Reader {
             parser: Parser::new_from_str(text),
-            source,
+            text,
+            tab_after_colon: None,
             anchors: HashMap::new(),
             nodes: 0,
             copied: 0,
         }
     }
 
-    fn next(&mut self) -> Result<(Event<'t>, Span), Fault> {
+    fn next(&mut self) -> Result<(Event<'t>, Span), Invalid> {
         match self.parser.next_event() {
             Some(Ok(event)) => Ok(event),
-            Some(Err(err)) if err.info().starts_with("':' must be followed by") => {
-                Err(Fault::TabAfterColon(err.marker().index()))
+            Some(Err(err)) => {
+                if err.info().starts_with("':' must be followed by") {
+                    // The error points at the tab (a character index) or just past it.
+                    let at = err.marker().index().saturating_sub(1);
+                    let mut near = self.text.char_indices().skip(at).take(2);
+                    self.tab_after_colon = near.find(|&(_, c)| c == '\t').map(|(tab, _)| tab);
+                }
+                let message = match err.info() {
+                    "while parsing node, found unknown anchor" => "unknown anchor", // libyaml's
+                    info => info,
+                };
+                refused(err.marker().line(), message)
             }
-            Some(Err(_)) => Err(Fault::Invalid(libyaml_error(self.source))),
             None => Ok((Event::StreamEnd, Span::default())),
         }
     }
 
-    fn document(&mut self) -> Result<Yaml, Fault> {
+    fn document(&mut self) -> Result<Yaml, Invalid> {
         let mut root = None;
         loop {
             match self.next()? {
@@ -177,22 +159,19 @@ impl<'t> Reader<'t> {
                 (Event::DocumentStart(_), _) if root.is_some() => {
                     let message = "deserializing from YAML containing more than one document \
                                    is not supported";
-                    return Err(refused(None, message));
+                    let (line, message) = (None, message.to_owned());
+                    return Err(Invalid { line, message });
                 }
-                (Event::DocumentStart(_), _) => {
-                    let (event, span) = self.next()?;
-                    root = Some(self.node(event, span, 0)?);
-                }
-                (Event::Nothing | Event::StreamStart | Event::DocumentEnd, _) => {}
-                (_, span) => return Err(refused(Some(span.start.line()), "unexpected YAML event")),
+                (Event::StreamStart | Event::DocumentStart(_) | Event::DocumentEnd, _) => {}
+                (event, span) => root = Some(self.node(event, span, 0)?),
             }
         }
     }
 
-    fn node(&mut self, event: Event<'t>, span: Span, depth: usize) -> Result<Yaml, Fault> {
+    fn node(&mut self, event: Event<'t>, span: Span, depth: usize) -> Result<Yaml, Invalid> {
         let line = span.start.line();
         if depth > MAX_DEPTH {
-            return Err(refused(Some(line), "recursion limit exceeded"));
+            return refused(line, "recursion limit exceeded");
         }
         // Refused before a collection's content is read: the tag is the first problem.
         if let Event::Scalar(.., Some(tag))
@@ -201,36 +180,31 @@ impl<'t> Reader<'t> {
         {
             if !tag.is_yaml_core_schema() {
                 let message = format!("YAML tag '{tag}' is not supported in rules files");
-                return Err(refused(Some(line), message));
+                return refused(line, message);
             }
         }
         let first = self.nodes;
         let (anchor, node) = match event {
             Event::Alias(id) => {
                 let Some((node, count)) = self.anchors.get(&id) else {
-                    return Err(refused(Some(line), "unknown anchor"));
+                    return refused(line, "unknown anchor");
                 };
                 self.nodes += count;
                 self.copied += count;
                 if self.copied > ALIAS_BUDGET {
-                    return Err(refused(Some(line), "repetition limit exceeded"));
+                    return refused(line, "repetition limit exceeded");
                 }
                 return Ok(node.clone());
             }
             Event::Scalar(text, style, anchor, tag) => {
-                let plain = match tag {
-                    Some(tag) => tag.suffix != "str", // a core tag: others are refused above
-                    None => style == ScalarStyle::Plain,
-                };
+                // A core tag (others are refused above) other than `!!str` reads as plain.
+                let plain = tag.map_or(style == ScalarStyle::Plain, |tag| tag.suffix != "str");
                 let text = text.into_owned();
                 (anchor, Node::Scalar { text, plain })
             }
             Event::SequenceStart(anchor, _) => {
-                let mut items = Vec::new();
-                while let Some(item) = self.child(depth)? {
-                    items.push(item);
-                }
-                (anchor, Node::List(items))
+                let items = std::iter::from_fn(|| self.child(depth).transpose());
+                (anchor, Node::List(items.collect::<Result<_, _>>()?))
             }
             Event::MappingStart(anchor, _) => {
                 let mut entries = Vec::new();
@@ -240,7 +214,7 @@ impl<'t> Reader<'t> {
                 }
                 (anchor, Node::Map(entries))
             }
-            _ => return Err(refused(Some(line), "unexpected YAML event")),
+            _ => return refused(line, "unexpected YAML event"),
         };
         let yaml = Yaml { line, node };
         self.nodes += 1;
@@ -252,7 +226,7 @@ impl<'t> Reader<'t> {
     }
 
     /// The next item (or key) of a collection at `depth`, or `None` at the collection's end.
-    fn child(&mut self, depth: usize) -> Result<Option<Yaml>, Fault> {
+    fn child(&mut self, depth: usize) -> Result<Option<Yaml>, Invalid> {
         match self.next()? {
             (Event::SequenceEnd | Event::MappingEnd, _) => Ok(None),
             (event, span) => self.node(event, span, depth + 1).map(Some),
@@ -320,11 +294,8 @@ pub(crate) fn resolve(text: &str) -> Scalar<'_> {
         _ if text.starts_with(char::is_alphabetic) => return Scalar::Text(text),
         _ => {}
     }
-    let (negative, unsigned) = match text.as_bytes()[0] {
-        b'-' => (true, &text[1..]),
-        b'+' => (false, &text[1..]),
-        _ => (false, text),
-    };
+    let negative = text.starts_with('-');
+    let unsigned = text.strip_prefix(['+', '-']).unwrap_or(text);
     let zero_padded = unsigned.len() > 1
         && unsigned.starts_with('0')
         && unsigned[1..].bytes().all(|b| b.is_ascii_digit());
@@ -409,6 +380,23 @@ mod tests {
         );
         assert_eq!(b[1].0.line, 3);
         assert_eq!(entries[2].1.scalar(), Some(Scalar::Text("~")));
+    }
+
+    #[test]
+    fn a_tab_after_a_colon_separates_like_a_space() {
+        let root = parse("a:\tx\nb: {c:\t1, d: 'q:\tr'}\n").unwrap();
+        let Node::Map(entries) = &root.node else {
+            panic!("{root:?}")
+        };
+        assert_eq!(entries[0].1.scalar(), Some(Scalar::Text("x")));
+        let inner = entries[1].1.map().unwrap();
+        assert_eq!(inner[0].1.scalar(), Some(Scalar::Unsigned(1)));
+        assert_eq!(
+            inner[1].1.scalar(),
+            Some(Scalar::Text("q:\tr")),
+            "quoted text as written"
+        );
+        assert_eq!(inner[1].0.line, 2);
     }
 
     #[test]
