@@ -140,7 +140,18 @@ impl<'t> Reader<'t> {
                     "while parsing node, found unknown anchor" => "unknown anchor", // libyaml's
                     info => info,
                 };
-                refused(err.marker().line(), message)
+                // saphyr places an error at the start of the token it was scanning; a tab found
+                // inside it (a tab-indented line after a plain scalar) is reported where the tab
+                // is, as libyaml did.
+                let mut line = err.marker().line();
+                if message.contains("found a tab") {
+                    let from = self.text.char_indices().nth(err.marker().index());
+                    let rest = from.map_or("", |(at, _)| &self.text[at..]);
+                    if let Some(tab) = rest.find('\t') {
+                        line += rest[..tab].matches('\n').count();
+                    }
+                }
+                refused(line, message)
             }
             None => Ok((Event::StreamEnd, Span::default())),
         }
@@ -380,6 +391,13 @@ mod tests {
         );
         assert_eq!(b[1].0.line, 3);
         assert_eq!(entries[2].1.scalar(), Some(Scalar::Text("~")));
+    }
+
+    #[test]
+    fn a_tab_indented_line_is_reported_at_its_own_line() {
+        let err = parse("domain: d\n\tdescriptors: []\n").unwrap_err();
+        assert_eq!(err.line, Some(2), "{err:?}");
+        assert!(err.message.contains("tab"), "{err:?}");
     }
 
     #[test]
