@@ -399,9 +399,8 @@ impl PeerTracker {
                     } else {
                         received_millis.saturating_sub(record.received_millis)
                     };
-                    let instant =
-                        entry.count.saturating_sub(last.count) as f32 * 1000.0 / gap.max(1) as f32;
                     let hits = entry.count.saturating_sub(last.count);
+                    let instant = hits as f32 * 1000.0 / gap.max(1) as f32;
                     let kept = if record.measured_in == entry.window {
                         0.5
                     } else {
