@@ -132,9 +132,10 @@ impl<'t> Reader<'t> {
             Some(Err(err)) => {
                 if err.info().starts_with("':' must be followed by") {
                     // The error points at the tab (a character index) or just past it.
-                    let at = err.marker().index().saturating_sub(1);
-                    let mut near = self.text.char_indices().skip(at).take(2);
-                    self.tab_after_colon = near.find(|&(_, c)| c == '\t').map(|(tab, _)| tab);
+                    let from = self.byte_at(err.marker().index().saturating_sub(1));
+                    let mut near = self.text[from..].char_indices().take(2);
+                    self.tab_after_colon =
+                        near.find(|&(_, c)| c == '\t').map(|(tab, _)| from + tab);
                 }
                 let message = match err.info() {
                     "while parsing node, found unknown anchor" => "unknown anchor", // libyaml's
@@ -145,8 +146,7 @@ impl<'t> Reader<'t> {
                 // is, as libyaml did.
                 let mut line = err.marker().line();
                 if message.contains("found a tab") {
-                    let from = self.text.char_indices().nth(err.marker().index());
-                    let rest = from.map_or("", |(at, _)| &self.text[at..]);
+                    let rest = &self.text[self.byte_at(err.marker().index())..];
                     if let Some(tab) = rest.find('\t') {
                         line += rest[..tab].matches('\n').count();
                     }
@@ -155,6 +155,13 @@ impl<'t> Reader<'t> {
             }
             None => Ok((Event::StreamEnd, Span::default())),
         }
+    }
+
+    /// The byte offset of the character at `index` (the parser's markers count characters), or
+    /// the text's end.
+    fn byte_at(&self, index: usize) -> usize {
+        let mut chars = self.text.char_indices();
+        chars.nth(index).map_or(self.text.len(), |(at, _)| at)
     }
 
     fn document(&mut self) -> Result<Yaml, Invalid> {
